@@ -1,0 +1,247 @@
+"""`ddpmkit` subcommands: parse, validate, call the library (same names as the Python API).
+
+A mistake in the input prints one line (`ddpmkit: error: ...`) and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ddpmkit.config import TrainConfig
+from ddpmkit.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _type_of(annotation: str):
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if name in str(annotation).split(" | ")[0] or str(annotation).startswith(name):
+            return typ
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | None = None,
+                         required: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field, with its aliases, help and choices; booleans get --x / --no-x."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        names = [f"--{f.name}", *meta.get("aliases", ())]
+        default = defaults.get(f.name, f.default)
+        typ = _type_of(f.type)
+        help_text = meta.get("help", "")
+        if typ is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            shown = "" if default is None else f" (default: {default})"
+            parser.add_argument(*names, dest=f.name, type=typ, default=default, choices=meta.get("choices"),
+                                required=f.name in required, help=help_text + shown)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+# ---------------------------------------------------------------------------- train / finetune
+FINETUNE_DEFAULTS = {"output_dir": "runs/finetune", "model_save_name": "finetuned", "image_size": 128,
+                     "batch_size": 8, "num_epochs": 2}
+
+
+def cmd_train(args) -> int:
+    from ddpmkit.train import train
+
+    config = config_from_args(TrainConfig, args)
+    path = train(config)
+    logging.getLogger("ddpmkit").info("done: %s (sample it with: ddpmkit sample --model %s)", path, path)
+    return 0
+
+
+# ---------------------------------------------------------------------------- sample
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpmkit.schedulers import scheduler_names
+
+    p.add_argument("--model", required=True, help="pipeline folder or Hub id (e.g. google/ddpm-cifar10-32)")
+    p.add_argument("--scheduler", default="ddpm", choices=scheduler_names(), metavar="NAME",
+                   help="sampler by name: " + ", ".join(scheduler_names()) + " (see 'ddpmkit schedulers')")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the scheduler's, e.g. ddpm 1000, ddim 50)")
+    p.add_argument("--num_images", type=int, default=16, help="images to generate (default: 16)")
+    p.add_argument("--batch_size", type=int, default=None, help="images per UNet batch (default: all at once)")
+    p.add_argument("--seed", type=int, default=0, help="torch.Generator('cpu').manual_seed(SEED), as DDPMPipeline uses it")
+    p.add_argument("--out", default="samples.png", help="output grid PNG (default: samples.png)")
+    p.add_argument("--save_individual", action="store_true", help="also save each image beside the grid")
+    p.add_argument("--trajectory", type=int, default=0, metavar="K",
+                   help="save x_t and the predicted x0 every K steps to OUT_trajectory.png")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                   help="Karras sigma spacing (sigma-based and multistep schedulers)")
+    p.add_argument("--timestep_spacing", default=None, choices=("leading", "trailing", "linspace"),
+                   help="how the sampling timesteps are spread over 0..T-1")
+    p.add_argument("--solver_order", type=int, default=None, help="order of the multistep solvers (dpm++, unipc, deis)")
+    p.add_argument("--compare", default=None, metavar="NAME:STEPS,...",
+                   help="a side-by-side grid of schedulers at the same seed, e.g. ddpm:1000,ddim:40,dpm++:20")
+    p.add_argument("--scale", type=int, default=2, help="enlarge the saved grid this many times (nearest neighbour)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: GPU when there is one)")
+
+
+def _check_out(out: str) -> Path:
+    path = Path(out)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--out {out} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if path.is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name such as {out}/samples.png")
+    return path
+
+
+def parse_compare(spec: str) -> list[tuple[str, int]]:
+    from ddpmkit.schedulers import REGISTRY
+
+    pairs = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, steps = item.partition(":")
+        if name not in REGISTRY:
+            raise UserError(f"--compare: unknown scheduler {name!r}: use one of {', '.join(REGISTRY)}")
+        try:
+            pairs.append((name, int(steps) if steps else REGISTRY[name].default_steps))
+        except ValueError:
+            raise UserError(f"--compare: {item!r} is not NAME:STEPS (e.g. ddim:40)") from None
+    if not pairs:
+        raise UserError("--compare needs at least one NAME:STEPS")
+    return pairs
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from ddpmkit.images import labelled_rows, save_grid, save_individual, save_trajectory
+    from ddpmkit.models import load_pipeline
+    from ddpmkit.sampling import sample
+
+    log = logging.getLogger("ddpmkit")
+    out = _check_out(args.out)
+    if args.trajectory < 0:
+        raise UserError(f"--trajectory must be 0 or more (got {args.trajectory})")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible: use --device cpu")
+    pipe = load_pipeline(args.model, device=args.device)
+    options = dict(eta=args.eta, karras=args.karras, timestep_spacing=args.timestep_spacing,
+                   solver_order=args.solver_order)
+    if args.compare:
+        rows, labels = [], []
+        for name, steps in parse_compare(args.compare):
+            result = sample(pipe, scheduler=name, steps=steps, num_images=args.num_images, batch_size=args.batch_size,
+                            seed=args.seed, **(options if name == args.scheduler else {}))
+            rows.append(result.images)
+            labels.append(f"{name} {steps} ({result.nfe} calls)")
+            log.info("%s, %d steps: %d UNet calls", name, steps, result.nfe)
+        labelled_rows(rows, labels, out, scale=args.scale)
+        log.info("wrote %s", out)
+        return 0
+    result = sample(pipe, scheduler=args.scheduler, steps=args.steps, num_images=args.num_images,
+                    batch_size=args.batch_size, seed=args.seed, trajectory_every=args.trajectory, **options)
+    save_grid(result.images, out, scale=args.scale)
+    log.info("wrote %s (%d images, %s, %d UNet calls per image)", out, args.num_images, args.scheduler, result.nfe)
+    if args.save_individual:
+        folder = out.with_suffix("")
+        save_individual(result.images, folder)
+        log.info("wrote %d images to %s/", args.num_images, folder)
+    if args.trajectory:
+        path = out.with_name(out.stem + "_trajectory.png")
+        save_trajectory(result.trajectory, path)
+        log.info("wrote %s", path)
+    return 0
+
+
+# ---------------------------------------------------------------------------- schedulers / schedule
+def cmd_schedulers(args) -> int:
+    from ddpmkit.schedulers import REGISTRY, is_available
+
+    for name, spec in REGISTRY.items():
+        note = "" if is_available(name) else "  [not installed]"
+        print(f"{name:<9} {spec.default_steps:>5} steps  {spec.description}{note}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from ddpmkit.plots import plot_schedule
+
+    paths = plot_schedule(model=args.model, beta_schedule=args.beta_schedule, dataset=args.dataset,
+                          image_size=args.image_size, out=_check_out(args.out), seed=args.seed)
+    for path in paths:
+        logging.getLogger("ddpmkit").info("wrote %s", path)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser and entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="ddpmkit", description="Train, fine-tune, sample and guide pixel-space diffusion models.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="train a diffusion UNet from scratch (or from --init_from)",
+                       description="The course's Unit 1 training loop; saves a DDPMPipeline folder.")
+    add_config_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained pipeline (the course's finetune_model.py)",
+                       description="Same loop as 'train', starting from --start_model; lr 1e-5 by default.")
+    add_config_arguments(p, TrainConfig, defaults=FINETUNE_DEFAULTS, required=("init_from",))
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images with any scheduler")
+    add_sample_arguments(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("schedulers", help="list the schedulers (samplers) by name")
+    p.set_defaults(func=cmd_schedulers)
+
+    p = sub.add_parser("schedule", help="plot the noise schedule and an image noised at 8 timesteps")
+    p.add_argument("--model", default=None, help="read the schedule from this pipeline (folder or Hub id)")
+    p.add_argument("--beta_schedule", default="squaredcos_cap_v2", choices=("squaredcos_cap_v2", "linear", "scaled_linear"),
+                   help="schedule to plot when no --model is given")
+    p.add_argument("--dataset", default=None, help="also write a strip of one image of this dataset noised with add_noise")
+    p.add_argument("--image_size", type=int, default=64, help="size of the noised strip images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="schedule.png", help="plot file; the strip goes to OUT_noised.png")
+    p.set_defaults(func=cmd_schedule)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    logging.basicConfig(level=logging.WARNING, format=f"{prefix}%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ddpmkit").setLevel(logging.WARNING if quiet or prefix else logging.INFO)
+    for noisy in ("diffusers", "accelerate", "datasets", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _setup_logging(args.quiet)
+        return args.func(args) or 0
+    except UserError as err:
+        print(f"ddpmkit: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("ddpmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Run configuration: one dataclass per command, each default on its own line with the reason.
+
+The CLI is generated from these fields (`metadata["help"]`, `metadata["aliases"]`), so a flag and
+the Python keyword argument always have the same name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddpmkit.errors import UserError
+
+
+def opt(default: Any, help: str, aliases: tuple[str, ...] = (), choices: tuple | None = None, **kw):
+    """A dataclass field that also carries its CLI help, aliases and choices."""
+    meta = {"help": help, "aliases": aliases, "choices": choices, **kw}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "cosine",
+    "cosine_with_restarts",
+    "linear",
+    "polynomial",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ddpmkit train` (and `ddpmkit finetune`) needs; the defaults are the course's."""
+
+    # --- data ---
+    dataset: str = opt("emoji", "built-in 'emoji' (or 'emoji:CATEGORY'), a Hub dataset id, an image folder, "
+                       "a save_to_disk folder, or a .parquet/.arrow file", aliases=("--dataset_name",))
+    split: str = opt("train", "dataset split to read (Hub and save_to_disk datasets)")
+    image_column: str | None = opt(None, "image column; found automatically when it is 'image', 'img' or the only image feature")
+    image_size: int = opt(32, "training resolution: images are resized to image_size x image_size (the course uses 32)",
+                          aliases=("--resolution",))
+    channels: int = opt(3, "3 for RGB, 1 for grayscale", choices=(1, 3))
+    random_flip: bool = opt(True, "random horizontal flip, per sample and per batch (the course's RandomHorizontalFlip)")
+    cache_dir: str | None = opt(None, "keep the decoded, resized uint8 images on disk here, so the next run skips decoding")
+    max_images: int | None = opt(None, "use at most this many images (handy for quick tries)")
+    class_column: str | None = opt(None, "train a class-conditioned model on this label column ('label' for the "
+                                   "emoji categories; sub-folder names for an image folder)")
+    cond_drop_prob: float = opt(0.1, "share of labels replaced by the null class in training, for classifier-free guidance")
+    # --- model ---
+    preset: str = opt("tiny", "UNet2DModel preset: 'tiny' (CPU-sized), 'small', or 'course32' (the course's exact model)")
+    unet_config: str | None = opt(None, "a JSON file with any UNet2DModel config; overrides --preset")
+    init_from: str | None = opt(None, "start from this pretrained pipeline (Hub id or folder) instead of a new UNet: fine-tuning",
+                                aliases=("--start_model",))
+    beta_schedule: str = opt("squaredcos_cap_v2", "noise schedule of a new model (the course trains with squaredcos_cap_v2)",
+                             choices=BETA_SCHEDULES)
+    num_train_timesteps: int = opt(1000, "number of diffusion steps T of a new model")
+    prediction_type: str | None = opt(None, "what the UNet predicts: epsilon (the course), sample or v_prediction; "
+                                      "a fine-tune keeps the pretrained model's unless set", choices=PREDICTION_TYPES)
+    # --- optimisation ---
+    batch_size: int = opt(64, "images per optimizer micro-batch and process (the course uses 64)",
+                          aliases=("--train_batch_size",))
+    lr: float | None = opt(None, "AdamW learning rate; 4e-4 from scratch and 1e-5 for a fine-tune, as in the course",
+                           aliases=("--learning_rate",))
+    num_epochs: int | None = opt(None, "passes over the data (ignored when --max_steps is given)")
+    max_steps: int | None = opt(None, "optimizer steps to run; without it and --num_epochs: 30 epochs")
+    grad_accumulation_steps: int = opt(1, "micro-batches per optimizer step; the loss is divided by it",
+                                       aliases=("--gradient_accumulation_steps",))
+    lr_scheduler: str = opt("constant", "learning-rate schedule (diffusers' get_scheduler)", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = opt(0, "linear warm-up steps of the learning rate")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay (PyTorch's default)")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 turns it off)")
+    use_ema: bool = opt(False, "keep an exponential moving average of the weights; the saved pipeline holds the EMA weights")
+    ema_max_decay: float = opt(0.9999, "largest EMA decay; it warms up from 0 as in diffusers' train_unconditional.py")
+    mixed_precision: str = opt("no", "no, bf16 or fp16 (fp16 needs a GPU)", choices=MIXED_PRECISION)
+    device: str = opt("auto", "auto (GPU when there is one), cpu or cuda; several GPUs: use accelerate launch / torchrun",
+                      choices=("auto", "cpu", "cuda"))
+    seed: int | None = opt(0, "seed for the model's initial weights, data order, flips, timesteps and noise")
+    # --- output ---
+    output_dir: str = opt("runs/ddpm", "run folder: the final pipeline, logs, sample grids and checkpoints")
+    model_save_name: str | None = opt(None, "save the pipeline in output_dir/model_save_name instead of output_dir itself")
+    log_samples_every: int = opt(0, "write a grid of samples every N steps (0: only at the end)")
+    save_model_every: int = opt(0, "save a loadable pipeline every N steps at {pipeline dir}/step_N (0: off)")
+    checkpointing_steps: int = opt(0, "save the full training state every N steps to output_dir/checkpoints (0: off)")
+    checkpoints_total_limit: int = opt(2, "keep only this many newest training-state checkpoints")
+    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder: continue a run that stopped")
+    num_sample_images: int = opt(16, "images in each logged sample grid")
+    sample_scheduler: str = opt("ddim", "scheduler for the logged sample grids")
+    sample_steps: int = opt(40, "steps for the logged sample grids (DDIM 40, as in the course's fine-tuning script)")
+    wandb_project: str | None = opt(None, "also log to this Weights & Biases project (WANDB_MODE=offline works)")
+    push_to_hub: bool = opt(False, "upload the final pipeline to the Hub")
+    hub_model_id: str | None = opt(None, "Hub repo id for --push_to_hub (user/name)")
+    hub_private: bool = opt(False, "create the Hub repo as private")
+
+    def validate(self) -> "TrainConfig":
+        """Check values a user can get wrong; raise UserError with what to do."""
+        positive = ("image_size", "batch_size", "grad_accumulation_steps", "num_train_timesteps", "num_sample_images",
+                    "sample_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "num_epochs", "max_images"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1 (got {value})")
+        for name in ("log_samples_every", "save_model_every", "checkpointing_steps", "lr_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be 0 or more (got {getattr(self, name)})")
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"--lr must be a positive number (got {self.lr})")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise UserError(f"--{f.name} must be one of {', '.join(map(str, choices))} (got {value!r})")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise UserError(f"--cond_drop_prob must be in [0, 1) (got {self.cond_drop_prob})")
+        if self.push_to_hub and not self.hub_model_id:
+            raise UserError("--push_to_hub needs --hub_model_id user/name")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def make_config(cls, overrides: dict) -> Any:
+    """Build a config dataclass from keyword arguments, with a clear error for an unknown name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    return cls(**overrides)

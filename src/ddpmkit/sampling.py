@@ -1,0 +1,228 @@
+"""The one sampling loop: noise x_T -> (unet -> guidance -> scheduler.step) per timestep -> x_0.
+
+Every scheduler, loss guidance and classifier-free guidance go through `denoise`. With the DDPM
+scheduler, one batch and float32 it reproduces `DDPMPipeline.__call__` exactly for the same seed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpmkit.errors import UserError
+from ddpmkit.schedulers import default_steps, make_scheduler, step_kwargs
+
+logger = logging.getLogger(__name__)
+
+
+class Guidance(Protocol):
+    """Moves x at one step; returns the moved x, the model output at the moved x and the loss (or None)."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step_index: int, num_steps: int,
+                 predict: Callable[[torch.Tensor], torch.Tensor], scheduler) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        ...
+
+
+@dataclass
+class SampleOutput:
+    """Images in [-1, 1] on the CPU, and what happened on the way."""
+
+    images: torch.Tensor
+    nfe: int  # UNet calls per image (a CFG call counts once: the two halves share one batched call)
+    timesteps: list[float] = field(default_factory=list)
+    trajectory: list[dict] = field(default_factory=list)  # {"step", "t", "sample", "pred_original_sample"}
+    guidance_losses: list[list] = field(default_factory=list)  # per batch, per guided step
+
+
+def _alpha_bar_and_vp_sample(scheduler, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_bar of the current step and x in the variance-preserving scale x_t = sqrt(ab) x0 + sqrt(1-ab) eps.
+
+    Sigma-based schedulers (Euler, Heun, LMS, DPM-SDE: init_noise_sigma > 1) keep x = x0 + sigma * eps,
+    so ab = 1 / (1 + sigma^2) and x_vp = x / sqrt(1 + sigma^2) (the scaling of `scale_model_input`).
+    """
+    if getattr(scheduler, "sigmas", None) is not None and float(scheduler.init_noise_sigma) > 1.0:
+        index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(t)
+        sigma = scheduler.sigmas[index].to(x.device, torch.float32)
+        alpha_bar = 1.0 / (1.0 + sigma**2)
+        return alpha_bar, x * alpha_bar.sqrt()
+    alphas_cumprod = scheduler.alphas_cumprod.to(x.device, torch.float32)
+    index = int(t.item()) if torch.is_tensor(t) else int(t)
+    return alphas_cumprod[index], x
+
+
+def predicted_x0(scheduler, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0 predicted from the model output (DDPM eq. 15 for epsilon; v-prediction per Salimans & Ho 2022).
+
+    Differentiable in `x` and `model_output`; the one place where ddpmkit forms pred_original_sample.
+    """
+    alpha_bar, x_vp = _alpha_bar_and_vp_sample(scheduler, x, t)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (x_vp - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * x_vp - (1 - alpha_bar).sqrt() * model_output
+    raise UserError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
+
+
+def model_fn(unet, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0) -> Callable:
+    """x (already scaled by `scale_model_input`), t -> model output, with classifier-free guidance.
+
+    CFG (Ho & Salimans 2022): out = uncond + w * (cond - uncond), both halves in one batched call.
+    w = 1 is plain conditional sampling and w = 0 unconditional; both skip the second half.
+    """
+    null_label = (unet.config.num_class_embeds or 1) - 1
+
+    def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if class_labels is None:
+            return unet(model_input, t).sample
+        labels = class_labels.to(model_input.device)
+        if cfg_scale == 1.0:
+            return unet(model_input, t, class_labels=labels).sample
+        null = torch.full_like(labels, null_label)
+        if cfg_scale == 0.0:
+            return unet(model_input, t, class_labels=null).sample
+        both = unet(torch.cat([model_input, model_input]), t, class_labels=torch.cat([labels, null])).sample
+        cond, uncond = both.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    return predict
+
+
+@torch.no_grad()
+def denoise(unet, scheduler, x: torch.Tensor, generator: torch.Generator | None = None, eta: float | None = None,
+            guidance: Guidance | None = None, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
+            trajectory_every: int = 0, callback: Callable[[dict], None] | None = None,
+            progress: bool = False) -> tuple[torch.Tensor, list[dict], list]:
+    """Run the reverse process from x = x_T over `scheduler.timesteps` (set_timesteps already called).
+
+    Per step: scale_model_input -> unet (-> guidance moves x) -> scheduler.step(...).prev_sample.
+    `callback` gets {"step", "num_steps", "t", "sample", "pred_original_sample", "model_output", "loss"}.
+    """
+    predict_raw = model_fn(unet, class_labels, cfg_scale)
+    extra = step_kwargs(scheduler, generator, eta)
+    timesteps = scheduler.timesteps
+    trajectory, losses = [], []
+
+    def predict(sample: torch.Tensor, t) -> torch.Tensor:
+        return predict_raw(scheduler.scale_model_input(sample, t), t)
+
+    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
+        loss = None
+        if guidance is not None:
+            with torch.enable_grad():
+                x, model_output, loss = guidance(x, t, i, len(timesteps), lambda s: predict(s, t), scheduler)
+            if loss is not None:
+                losses.append(loss)
+        else:
+            model_output = predict(x, t)
+        need_x0 = callback is not None or (trajectory_every and (i % trajectory_every == 0 or i == len(timesteps) - 1))
+        x0 = predicted_x0(scheduler, model_output, x, t) if need_x0 else None
+        x = scheduler.step(model_output, t, x, **extra).prev_sample
+        if trajectory_every and (i % trajectory_every == 0 or i == len(timesteps) - 1):
+            trajectory.append({"step": i, "t": float(t), "sample": x.float().cpu(), "pred_original_sample": x0.float().cpu()})
+        if callback is not None:
+            callback({"step": i, "num_steps": len(timesteps), "t": t, "sample": x, "pred_original_sample": x0,
+                      "model_output": model_output, "loss": loss})
+    return x, trajectory, losses
+
+
+def resolve_pipeline(model):
+    """A pipeline from a Hub id / folder, or a pipeline-like object with `.unet` and `.scheduler`."""
+    if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
+        from ddpmkit.models import load_pipeline
+
+        return load_pipeline(model)
+    if not (hasattr(model, "unet") and hasattr(model, "scheduler")):
+        raise UserError("model must be a Hub id, a pipeline folder, or a pipeline with .unet and .scheduler")
+    return model
+
+
+def sample(model, scheduler: str = "ddpm", steps: int | None = None, num_images: int = 16, batch_size: int | None = None,
+           seed: int | None = None, generator: torch.Generator | None = None, eta: float | None = None,
+           karras: bool | None = None, timestep_spacing: str | None = None, solver_order: int | None = None,
+           guidance: Guidance | None = None, class_labels=None, cfg_scale: float = 1.0, trajectory_every: int = 0,
+           callback: Callable[[dict], None] | None = None, device: str | torch.device | None = None,
+           progress: bool = True) -> SampleOutput:
+    """Generate `num_images` images from `model` with scheduler `scheduler` (a registry name) in `steps` steps.
+
+    `seed` means `torch.Generator("cpu").manual_seed(seed)` used as DDPMPipeline uses its generator.
+    """
+    pipe = resolve_pipeline(model)
+    unet = pipe.unet
+    if device is not None:
+        unet.to(device)
+    device = unet.device
+    if num_images < 1:
+        raise UserError(f"--num_images must be at least 1 (got {num_images})")
+    batch_size = batch_size or num_images
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {batch_size})")
+    steps = steps or default_steps(scheduler)
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps})")
+    sched = make_scheduler(scheduler, pipe.scheduler.config, karras=karras, timestep_spacing=timestep_spacing,
+                           solver_order=solver_order, seed=seed)
+    if steps > sched.config.num_train_timesteps:
+        raise UserError(f"--steps {steps} is more than the model's {sched.config.num_train_timesteps} training steps")
+    if generator is None:
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+    labels = _class_label_tensor(unet, class_labels, num_images)
+
+    size = unet.config.sample_size
+    shape_hw = (size, size) if isinstance(size, int) else tuple(size)
+    images, trajectory, all_losses, timesteps, nfe = [], [], [], [], 0
+    was_training = unet.training
+    unet.eval()
+    try:
+        for start in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - start)
+            sched.set_timesteps(steps, device=device)
+            timesteps = [float(t) for t in sched.timesteps]
+            nfe = len(timesteps)
+            from diffusers.utils.torch_utils import randn_tensor
+
+            x = randn_tensor((n, unet.config.in_channels, *shape_hw), generator=generator, device=device,
+                             dtype=unet.dtype) * sched.init_noise_sigma
+            batch_labels = labels[start:start + n] if labels is not None else None
+            x, traj, losses = denoise(unet, sched, x, generator=generator, eta=eta, guidance=guidance,
+                                      class_labels=batch_labels, cfg_scale=cfg_scale,
+                                      trajectory_every=trajectory_every if start == 0 else 0, callback=callback,
+                                      progress=progress and num_images == n)
+            images.append(x.float().cpu())
+            trajectory = trajectory or traj
+            all_losses.append(losses)
+    finally:
+        unet.train(was_training)
+    result = torch.cat(images).clamp(-1, 1)
+    if not torch.isfinite(result).all():
+        logger.warning("some samples are not finite: the model or the scheduler settings diverged")
+    return SampleOutput(result, nfe, timesteps, trajectory, all_losses)
+
+
+def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | None:
+    if class_labels is None:
+        if unet.config.num_class_embeds:
+            logger.info("class-conditioned model without --class_label: sampling unconditionally (null class)")
+            return torch.full((num_images,), unet.config.num_class_embeds - 1, dtype=torch.long)
+        return None
+    if not unet.config.num_class_embeds:
+        raise UserError("--class_label given, but this model is not class-conditioned")
+    labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+    if labels.numel() == 1:
+        labels = labels.repeat(num_images)
+    if labels.numel() != num_images:
+        raise UserError(f"got {labels.numel()} class labels for {num_images} images")
+    num_classes = unet.config.num_class_embeds - 1
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"class labels must be in 0..{num_classes - 1}")
+    return labels
+
+
+def grid_rows(num_images: int) -> int:
+    return max(1, math.ceil(math.sqrt(num_images)))
