@@ -70,14 +70,26 @@ def cmd_train(args) -> int:
 
 
 # ---------------------------------------------------------------------------- sample
+GUIDE_HELP = """--guide KIND:ARG[:SCALE], repeatable, each loss with its own scale (the scale is per image; a
+course scale S used on a batch of B images is S/B here; see docs/guidance.md):
+  color:#BB2266:40       mean |x0 - colour| (hex or R,G,B in [0, 1]; the course's color_loss)
+  "clip:a red rose:8"    CLIP text prompt (squared great-circle distance; --clip_model, --n_cuts)
+  image:ref.png:20       pixel MSE to a reference image; image:ref.png@8:20 matches it at 8x8 only
+  custom:mymod:myloss:5  any function myloss(x0) in mymod.py (current folder or PYTHONPATH)
+Without :SCALE the defaults are color 40, clip 8, image 20, custom 1."""
+
+
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     from ddpmkit.schedulers import scheduler_names
 
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the --guide examples as written
     p.add_argument("--model", required=True, help="pipeline folder or Hub id (e.g. google/ddpm-cifar10-32)")
     p.add_argument("--scheduler", default="ddpm", choices=scheduler_names(), metavar="NAME",
                    help="sampler by name: " + ", ".join(scheduler_names()) + " (see 'ddpmkit schedulers')")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the scheduler's, e.g. ddpm 1000, ddim 50)")
-    p.add_argument("--num_images", type=int, default=16, help="images to generate (default: 16)")
+    p.add_argument("--num_images", type=int, default=None,
+                   help="images to generate (default: 16; a class-conditioned model without --class_label: "
+                        "images per class row, default 8)")
     p.add_argument("--batch_size", type=int, default=None, help="images per UNet batch (default: all at once)")
     p.add_argument("--seed", type=int, default=0, help="torch.Generator('cpu').manual_seed(SEED), as DDPMPipeline uses it")
     p.add_argument("--out", default="samples.png", help="output grid PNG (default: samples.png)")
@@ -94,6 +106,29 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="a side-by-side grid of schedulers at the same seed, e.g. ddpm:1000,ddim:40,dpm++:20")
     p.add_argument("--scale", type=int, default=2, help="enlarge the saved grid this many times (nearest neighbour)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: GPU when there is one)")
+    g = p.add_argument_group("loss guidance", GUIDE_HELP)
+    g.add_argument("--guide", action="append", default=[], metavar="KIND:ARG[:SCALE]",
+                   help="steer sampling with a loss on the predicted x0; repeat it for several losses (see above)")
+    g.add_argument("--loss", action="append", default=[], metavar="MODULE:FUNCTION[:SCALE]",
+                   help="a custom loss f(x0) -> scalar or per-image tensor; same as --guide custom:MODULE:FUNCTION")
+    g.add_argument("--guidance_method", default="shortcut", choices=("shortcut", "full"),
+                   help="shortcut: x0 from a gradient-free noise prediction (the course's, ~1x cost); "
+                        "full: the gradient flows through the UNet and the noise is predicted again at the "
+                        "moved x (~3x cost; needs a larger scale)")
+    g.add_argument("--guidance_every", type=int, default=1, metavar="K", help="guide every K-th step only (default: 1)")
+    g.add_argument("--guidance_schedule", default="constant",
+                   choices=("constant", "alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar"),
+                   help="multiply the scales by this function of alpha_bar_t (default: constant)")
+    g.add_argument("--n_cuts", type=int, default=4, help="augmented crops per image for clip guidance (default: 4)")
+    g.add_argument("--clip_model", default="openai/clip-vit-base-patch32",
+                   help="CLIP for clip guidance: Hub id (from the cache) or local folder (default: %(default)s)")
+    c = p.add_argument_group("class-conditioned models")
+    c.add_argument("--class_label", default=None, metavar="N|NAME",
+                   help="class index or name (names are saved with the model); without it a class-conditioned "
+                        "model gives one row per class")
+    c.add_argument("--cfg_scale", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance: uncond + W * (cond - uncond); 1 plain conditional, "
+                        "0 unconditional, 2-5 sharper classes (default: 1)")
 
 
 def _check_out(out: str) -> Path:
@@ -123,8 +158,11 @@ def parse_compare(spec: str) -> list[tuple[str, int]]:
 
 
 def cmd_sample(args) -> int:
+    import json
+
     import torch
 
+    from ddpmkit.guidance import build_guidance, losses_per_step
     from ddpmkit.images import labelled_rows, save_grid, save_individual, save_trajectory
     from ddpmkit.models import load_pipeline
     from ddpmkit.sampling import sample
@@ -135,33 +173,72 @@ def cmd_sample(args) -> int:
         raise UserError(f"--trajectory must be 0 or more (got {args.trajectory})")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible: use --device cpu")
+    guidance = build_guidance(args.guide, args.loss, args.guidance_method, args.guidance_every,
+                              args.guidance_schedule, args.clip_model, args.n_cuts, args.seed)
     pipe = load_pipeline(args.model, device=args.device)
+    class_rows, labels = _class_labels(args, pipe)
+    num_images = len(labels) if class_rows else (args.num_images or 16)
     options = dict(eta=args.eta, karras=args.karras, timestep_spacing=args.timestep_spacing,
                    solver_order=args.solver_order)
+    conditioning = dict(guidance=guidance, class_labels=labels, cfg_scale=args.cfg_scale)
     if args.compare:
-        rows, labels = [], []
+        rows, row_labels = [], []
         for name, steps in parse_compare(args.compare):
-            result = sample(pipe, scheduler=name, steps=steps, num_images=args.num_images, batch_size=args.batch_size,
-                            seed=args.seed, **(options if name == args.scheduler else {}))
+            result = sample(pipe, scheduler=name, steps=steps, num_images=num_images, batch_size=args.batch_size,
+                            seed=args.seed, **conditioning, **(options if name == args.scheduler else {}))
             rows.append(result.images)
-            labels.append(f"{name} {steps} ({result.nfe} calls)")
+            row_labels.append(f"{name} {steps} ({result.nfe} calls)")
             log.info("%s, %d steps: %d UNet calls", name, steps, result.nfe)
-        labelled_rows(rows, labels, out, scale=args.scale)
+        labelled_rows(rows, row_labels, out, scale=args.scale)
         log.info("wrote %s", out)
         return 0
-    result = sample(pipe, scheduler=args.scheduler, steps=args.steps, num_images=args.num_images,
-                    batch_size=args.batch_size, seed=args.seed, trajectory_every=args.trajectory, **options)
-    save_grid(result.images, out, scale=args.scale)
-    log.info("wrote %s (%d images, %s, %d UNet calls per image)", out, args.num_images, args.scheduler, result.nfe)
+    result = sample(pipe, scheduler=args.scheduler, steps=args.steps, num_images=num_images,
+                    batch_size=args.batch_size, seed=args.seed, trajectory_every=args.trajectory, **conditioning,
+                    **options)
+    if class_rows:
+        labelled_rows(list(result.images.split(len(labels) // len(class_rows))), class_rows, out, scale=args.scale)
+    else:
+        save_grid(result.images, out, scale=args.scale)
+    log.info("wrote %s (%d images, %s, %d UNet calls per image)", out, num_images, args.scheduler, result.nfe)
+    if guidance is not None:
+        steps = losses_per_step(result.guidance_losses)
+        path = out.with_name(out.stem + "_guidance.json")
+        path.write_text(json.dumps({"guide": args.guide, "loss": args.loss, "method": args.guidance_method,
+                                    "every": args.guidance_every, "schedule": args.guidance_schedule,
+                                    "steps": steps}, indent=1) + "\n")
+        if steps:
+            first, last = (sum(s["loss"]) / len(s["loss"]) for s in (steps[0], steps[-1]))
+            log.info("guidance loss (mean per image) %.4f at the first guided step, %.4f at the last; per step in %s",
+                     first, last, path)
     if args.save_individual:
         folder = out.with_suffix("")
         save_individual(result.images, folder)
-        log.info("wrote %d images to %s/", args.num_images, folder)
+        log.info("wrote %d images to %s/", num_images, folder)
     if args.trajectory:
         path = out.with_name(out.stem + "_trajectory.png")
         save_trajectory(result.trajectory, path)
         log.info("wrote %s", path)
     return 0
+
+
+def _class_labels(args, pipe) -> tuple[list[str], list[int] | None]:
+    """(row names, labels): one label for --class_label, or one row per class for a class-conditioned model."""
+    from ddpmkit.guidance import class_names, resolve_class_label
+
+    num_classes = (pipe.unet.config.num_class_embeds or 1) - 1
+    if num_classes < 1:
+        if args.class_label is not None:
+            raise UserError("--class_label given, but this model is not class-conditioned (train one with "
+                            "'ddpmkit train --class_column label')")
+        if args.cfg_scale != 1.0:
+            raise UserError("--cfg_scale needs a class-conditioned model (train one with --class_column label)")
+        return [], None
+    names = class_names(args.model)
+    if args.class_label is not None:
+        return [], [resolve_class_label(args.class_label, names, num_classes)]
+    per_class = args.num_images or 8
+    rows = list(names or [])[:num_classes] + [str(i) for i in range(len(names or []), num_classes)]
+    return rows, [k for k in range(num_classes) for _ in range(per_class)]
 
 
 # ---------------------------------------------------------------------------- schedulers / schedule
@@ -227,6 +304,8 @@ def _setup_logging(quiet: bool) -> None:
     for noisy in ("diffusers", "accelerate", "datasets", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it for every bar it creates
 
 
 def main(argv: list[str] | None = None) -> int:

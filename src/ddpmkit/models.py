@@ -139,8 +139,11 @@ def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = 
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         if local:
             raise UserError(f"could not load the pipeline in {name}: {first[:200]}") from None
-        raise UserError(f"could not download {name!r} from the Hub ({first[:160]}); point --model at a local folder, "
-                        "or set HF_HUB_OFFLINE=1 to use a model already in the Hugging Face cache") from None
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise UserError(f"{name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
+                            "with network access, or use a local folder (a saved pipeline)") from None
+        raise UserError(f"could not download {name!r} from the Hub ({first[:120]}): use a local folder (a saved pipeline), "
+                        "or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache") from None
     scheduler = DDPMScheduler.from_config(scheduler_config)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.register_to_config(_name_or_path=name)

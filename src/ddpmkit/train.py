@@ -55,7 +55,11 @@ class Trainer:
         self.pipeline_dir = self.output_dir / config.model_save_name if config.model_save_name else self.output_dir
         if not config.init_from:  # fail on a bad size before spending time on the data
             check_image_size(unet_config_for(config.preset, config.unet_config), config.image_size)
+        if config.resume_from_checkpoint not in (None, "latest"):  # a wrong folder fails before the data is read
+            self._checkpoint_to_resume()
         self.accelerator = self._make_accelerator()
+        # a fine-tune loads its model before the data: a wrong model id fails before a long dataset download
+        self.pretrained = self._load_pretrained() if config.init_from else None
         self.data = data if data is not None else self._load_data()
         self.unet, self.noise_scheduler = self._build_model()
         self.global_step = 0
@@ -98,11 +102,16 @@ class Trainer:
         logger.info("%d training images from %s at %dx%d", len(data), c.dataset, c.image_size, c.image_size)
         return data
 
+    def _load_pretrained(self):
+        with self.accelerator.main_process_first():  # one download for all processes
+            pipe = load_pipeline(self.config.init_from)
+        check_image_size(dict(pipe.unet.config), self.config.image_size)
+        return pipe
+
     def _build_model(self):
         c = self.config
         if c.init_from:
-            pipe = load_pipeline(c.init_from)
-            unet, noise_scheduler = pipe.unet, pipe.scheduler
+            unet, noise_scheduler = self.pretrained.unet, self.pretrained.scheduler
             if c.prediction_type and c.prediction_type != noise_scheduler.config.prediction_type:
                 raise UserError(f"the pretrained model predicts {noise_scheduler.config.prediction_type}; "
                                 "a fine-tune cannot change --prediction_type")
@@ -160,7 +169,10 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             c.save(self.output_dir / "train_config.json")
-        acc.init_trackers(c.wandb_project or "ddpmkit", config=_flat(c.to_dict()))
+            if self.global_step == 0:  # a fresh run in an old folder starts a new loss log (a resume keeps it)
+                self.loss_log.unlink(missing_ok=True)
+        acc.init_trackers(c.wandb_project or "ddpmkit", config=_flat(c.to_dict()),
+                          init_kwargs={"wandb": {"dir": str(self.output_dir)}})  # wandb/ inside the run folder
         logger.info("training for %d optimizer steps (%d micro-batches of %d per epoch, %d process(es), lr %.1e)",
                     self.total_steps, len(loader), c.batch_size, acc.num_processes, lr)
 
@@ -299,25 +311,30 @@ class Trainer:
                     "base_model": self.config.init_from, "dataset": self.config.dataset, "step": self.global_step,
                     "train_config": self.config.to_dict()}
             (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            self.config.save(folder / "train_config.json")  # the run's config beside the weights
             if final:
                 self._write_final_artifacts(folder)
+            else:
+                from ddpmkit.hub import write_model_card
+
+                write_model_card(folder, self.config, losses=self._loss_records())
             logger.info("saved pipeline (step %d) to %s", self.global_step, folder)
         self.accelerator.wait_for_everyone()
         return folder
 
     def _write_final_artifacts(self, folder: Path) -> None:
-        records = [json.loads(line) for line in self.loss_log.read_text().splitlines()] if self.loss_log.exists() else []
+        records = self._loss_records()
         if records:
             plot_loss_curve([r["step"] for r in records], [r["loss"] for r in records], self.output_dir / "loss_curve.png")
         grid = self.log_samples()
         if grid is not None:
             shutil.copy(grid, folder / "samples.png")
-        try:
-            from ddpmkit.hub import write_model_card
+        from ddpmkit.hub import write_model_card
 
-            write_model_card(folder, self.config, sample_grid="samples.png", losses=records)
-        except ImportError:
-            pass
+        write_model_card(folder, self.config, sample_grid="samples.png", losses=records)
+
+    def _loss_records(self) -> list[dict]:
+        return [json.loads(line) for line in self.loss_log.read_text().splitlines()] if self.loss_log.exists() else []
 
     def save_checkpoint(self) -> Path:
         """Full training state (weights, optimizer, lr schedule, EMA, RNG) written to a temp folder, then renamed."""
@@ -339,22 +356,30 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The folder --resume_from_checkpoint names ('latest': the newest one), or None to start from step 0."""
         which = self.config.resume_from_checkpoint
         if not which:
-            return
+            return None
         if which == "latest":
             found = sorted((self.output_dir / "checkpoints").glob("step_*"))
             if not found:
                 logger.info("no checkpoint in %s/checkpoints: starting from the beginning", self.output_dir)
-                return
-            path = found[-1]
-        else:
-            path = Path(which)
-            if not (path / "training_state.json").exists():
-                raise UserError(f"{which} is not a ddpmkit checkpoint folder (no training_state.json): use 'latest' "
-                                "or a folder under OUTPUT_DIR/checkpoints")
+                return None
+            return found[-1]
+        path = Path(which)
+        if not (path / "training_state.json").exists():
+            raise UserError(f"{which} is not a ddpmkit checkpoint folder (no training_state.json): use 'latest' "
+                            "or a folder under OUTPUT_DIR/checkpoints")
+        return path
+
+    def _resume(self) -> None:
+        path = self._checkpoint_to_resume()
+        if path is None:
+            return
         self.accelerator.load_state(str(path))
+        if self.ema is not None:  # EMAModel.load_state_dict puts the shadow weights on the CPU
+            self.ema.to(self.accelerator.device)
         self.global_step = json.loads((path / "training_state.json").read_text())["global_step"]
         if self.accelerator.is_main_process and self.loss_log.exists():  # drop steps logged after the checkpoint
             kept = [line for line in self.loss_log.read_text().splitlines() if json.loads(line)["step"] <= self.global_step]

@@ -1,0 +1,256 @@
+"""Pretrained pipelines: folders written by plain diffusers load and sample, nothing in a model folder is
+executed, Hub ids fail offline with a one-line message; and the Hub side: model card and push."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
+
+from conftest import make_micro_unet, save_plain_pipeline, write_images
+from ddpmkit import hub
+from ddpmkit.cli import build_parser, config_from_args, main
+from ddpmkit.config import TrainConfig
+from ddpmkit.errors import UserError
+from ddpmkit.images import to_uint8
+from ddpmkit.models import load_pipeline
+from ddpmkit.sampling import sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and many times faster when other processes share the CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """Offline, with an empty Hugging Face cache: no Hub id can resolve."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("safe_serialization, weights_file", [
+    (True, "diffusion_pytorch_model.safetensors"),
+    (False, "diffusion_pytorch_model.bin"),
+])
+def test_plain_diffusers_folder_loads_and_samples_like_ddpmpipeline(tmp_path, safe_serialization, weights_file):
+    folder = save_plain_pipeline(tmp_path / "pipe", safe_serialization=safe_serialization)
+    assert (folder / "unet" / weights_file).exists()
+    pipe = load_pipeline(folder)
+    original = make_micro_unet(8).state_dict()
+    assert all(torch.equal(original[k], v) for k, v in pipe.unet.state_dict().items())
+    # the one loop reproduces DDPMPipeline.__call__ for the same seed (DDPM, one batch, float32)
+    ours = sample(pipe, scheduler="ddpm", steps=20, num_images=2, seed=0, progress=False)
+    reference = DDPMPipeline.from_pretrained(folder)(batch_size=2, num_inference_steps=20, output_type="np",
+                                                     generator=torch.Generator("cpu").manual_seed(0)).images
+    np.testing.assert_array_equal(to_uint8(ours.images), (reference * 255).round().astype(np.uint8))
+
+
+def test_ddim_pipeline_folder_loads_with_its_schedule(tmp_path):
+    scheduler = DDIMScheduler(num_train_timesteps=500, beta_schedule="linear", prediction_type="v_prediction")
+    DDIMPipeline(unet=make_micro_unet(8), scheduler=scheduler).save_pretrained(tmp_path / "ddim")
+    pipe = load_pipeline(tmp_path / "ddim")
+    assert pipe.scheduler.config.num_train_timesteps == 500
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert torch.allclose(pipe.scheduler.alphas_cumprod, scheduler.alphas_cumprod)
+    out = sample(pipe, scheduler="ddim", steps=5, num_images=2, seed=0, progress=False)
+    assert out.images.shape == (2, 3, 8, 8) and torch.isfinite(out.images).all()
+
+
+def test_malicious_pickle_in_bin_weights_does_not_run(tmp_path):
+    folder = save_plain_pipeline(tmp_path / "evil", safe_serialization=False)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # what a hostile checkpoint does: call any function while being unpickled
+            return (Path.write_text, (marker, "code ran"))
+
+    torch.save({"conv_in.weight": Payload()}, folder / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match="could not load the pipeline"):
+        load_pipeline(folder)
+    assert not marker.exists()
+
+
+def test_model_index_classes_are_never_imported(tmp_path, monkeypatch):
+    folder = save_plain_pipeline(tmp_path / "custom")
+    marker = tmp_path / "imported"
+    (folder / "evil_pipeline.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                             "class EvilPipeline: pass\nclass EvilUNet: pass\n")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name=["evil_pipeline", "EvilPipeline"], unet=["evil_pipeline", "EvilUNet"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.chdir(folder)  # even with the folder importable from the working directory
+    monkeypatch.syspath_prepend(str(folder))
+    pipe = load_pipeline(folder)
+    assert isinstance(pipe.unet, UNet2DModel) and not marker.exists()
+
+
+def test_hub_id_offline_without_cache_is_one_line(empty_hub_cache, tmp_path, capsys):
+    with pytest.raises(UserError) as err:
+        load_pipeline("google/ddpm-cifar10-32")
+    message = str(err.value)
+    assert "\n" not in message and "local folder" in message and "HF_HUB_OFFLINE" in message
+    code = main(["sample", "--model", "google/ddpm-celebahq-256", "--out", str(tmp_path / "x.png")])
+    stderr = capsys.readouterr().err.strip()
+    assert code == 2 and len(stderr.splitlines()) == 1 and "google/ddpm-celebahq-256" in stderr
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda root: write_images(root / "imgs", n=2) and root / "imgs", "not a diffusion pipeline folder"),
+    (lambda root: save_plain_pipeline(root / "p") / "unet" / "config.json", "is a file"),
+    (lambda root: root / "no" / "such" / "folder", "does not exist"),
+])
+def test_model_that_is_not_a_pipeline_folder_is_a_user_error(tmp_path, capsys, make, expected):
+    model = make(tmp_path)
+    code = main(["sample", "--model", str(model), "--out", str(tmp_path / "x.png")])
+    stderr = capsys.readouterr().err.strip()
+    assert code == 2 and expected in stderr and len(stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- model card
+def _card(folder: Path):
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(folder / "README.md")
+
+
+def test_model_card_of_a_finetune_has_metadata_command_and_usage(tmp_path):
+    folder = save_plain_pipeline(tmp_path / "pipe")
+    write_images(tmp_path / "grid_src", n=1)
+    config = TrainConfig(init_from="google/ddpm-cifar10-32", dataset="huggan/smithsonian_butterflies_subset",
+                         image_size=32, batch_size=8, num_epochs=3, lr=2e-5, use_ema=True,
+                         output_dir=str(tmp_path / "run"), model_save_name="butterflies", hub_model_id="me/butterflies")
+    losses = [{"step": i + 1, "loss": 1.0 - 0.01 * i} for i in range(40)]
+    hub.write_model_card(folder, config, sample_grid=str(tmp_path / "grid_src" / "img_000.png"), losses=losses)
+    card = _card(folder)
+    assert card.data.license == "apache-2.0" and card.data.library_name == "diffusers"
+    assert set(hub.TAGS) <= set(card.data.tags)
+    assert card.data.base_model == "google/ddpm-cifar10-32"
+    assert card.data.datasets == ["huggan/smithsonian_butterflies_subset"]
+    text = card.text
+    assert 'DDPMPipeline.from_pretrained("me/butterflies")' in text
+    assert "![samples](img_000.png)" in text and (folder / "img_000.png").exists()  # grid copied beside the card
+    assert "| lr | 2e-05 |" in text and "| use_ema | True |" in text and "| steps trained | 40 |" in text
+    assert "0.6550 (mean of the last 10 steps; the first 10 steps: 0.9550)" in text
+    # the command in the card is a working command that gives back the same configuration
+    command = next(line for line in text.splitlines() if line.startswith("ddpmkit finetune"))
+    assert "--start_model google/ddpm-cifar10-32" in command
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert config_from_args(TrainConfig, args) == config
+
+
+def test_model_card_from_scratch_has_no_base_model(tmp_path):
+    folder = save_plain_pipeline(tmp_path / "pipe")
+    config = TrainConfig(dataset="emoji", image_size=16, max_steps=10, output_dir=str(folder))
+    hub.write_model_card(folder, config)
+    card = _card(folder)
+    assert card.data.base_model is None and card.data.datasets is None
+    command = next(line for line in card.text.splitlines() if line.startswith("ddpmkit train"))
+    assert config_from_args(TrainConfig, build_parser().parse_args(shlex.split(command)[1:])) == config
+    assert "![samples]" not in card.text
+
+
+# ---------------------------------------------------------------------------- push
+@pytest.fixture
+def run_folder(tmp_path) -> Path:
+    """A run folder that is also the pipeline folder, with what training leaves beside the pipeline."""
+    folder = save_plain_pipeline(tmp_path / "run")
+    hub.write_model_card(folder, TrainConfig(output_dir=str(folder)))
+    for extra in ("checkpoints/step_0000010/optimizer.bin", "logs/ddpmkit/events.out.tfevents.1",
+                  "step_10/model_index.json", "step_10/unet/config.json", "wandb/latest-run/run.wandb",
+                  "samples/step_000010.png", "loss.jsonl"):
+        (folder / extra).parent.mkdir(parents=True, exist_ok=True)
+        (folder / extra).write_text("x")
+    return folder
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def online(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_push_without_token_is_one_line_and_keeps_the_folder(run_folder, online, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    before = _files(run_folder)
+    with pytest.raises(UserError) as err:
+        hub.push_to_hub(run_folder, "me/model")
+    message = str(err.value)
+    assert "\n" not in message and "hf auth login" in message and f"hf upload me/model {run_folder}" in message
+    assert _files(run_folder) == before
+
+
+def test_push_offline_or_without_network_is_one_line(run_folder, monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        hub.push_to_hub(run_folder, "me/model", token="hf_x")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(self, *args, **kwargs):
+        import httpx2
+
+        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    with pytest.raises(UserError, match=r"could not push to me/model \(\[Errno -3\] Temporary failure"):
+        hub.push_to_hub(run_folder, "me/model", token="hf_x")
+    assert (run_folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_push_creates_the_repo_and_uploads_the_pipeline_without_training_state(run_folder, online, monkeypatch):
+    from huggingface_hub import HfApi, RepoUrl
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs, self.token))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs["repo_id"], kwargs, self.token))
+        uploaded = set(filter_repo_objects(sorted(_files(Path(kwargs["folder_path"]))),
+                                           ignore_patterns=kwargs["ignore_patterns"]))
+        calls.append(("uploaded", uploaded))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    url = hub.push_to_hub(run_folder, "me/model", private=True, token="hf_test")
+    assert url == "https://huggingface.co/me/model"
+    (_, repo, create_kwargs, token), (_, repo2, upload_kwargs, _), (_, uploaded) = calls
+    assert repo == repo2 == "me/model" and token == "hf_test"
+    assert create_kwargs["exist_ok"] and create_kwargs["private"]
+    assert Path(upload_kwargs["folder_path"]) == run_folder
+    assert uploaded == {"model_index.json", "README.md", "unet/config.json",
+                        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                        "samples/step_000010.png", "loss.jsonl"}
+
+
+def test_push_bad_repo_id_or_folder(run_folder, tmp_path):
+    with pytest.raises(UserError, match="user/name"):
+        hub.push_to_hub(run_folder, "not a repo id")
+    with pytest.raises(UserError, match="not a pipeline folder"):
+        hub.push_to_hub(tmp_path / "nothing", "me/model")
