@@ -16,7 +16,7 @@ from ddpmkit.guidance import ColorLoss, Guide, LossGuidance, class_names, resolv
 from ddpmkit.images import make_grid
 from ddpmkit.models import load_pipeline
 from ddpmkit.sampling import sample
-from ddpmkit.train import train
+from ddpmkit.trainer import train
 
 NAMES = ["red square", "blue circle"]
 UNET = dict(  # no attention: the fastest UNet that learns "colour follows the label" in a few hundred steps

@@ -18,7 +18,7 @@ from ddpmkit.cli import build_parser, config_from_args, main
 from ddpmkit.config import TrainConfig
 from ddpmkit.data import load_image_data
 from ddpmkit.models import load_pipeline
-from ddpmkit.train import train
+from ddpmkit.trainer import train
 
 COURSE_COMMAND = [
     "finetune", "--image_size", "128", "--batch_size", "8", "--num_epochs", "16", "--grad_accumulation_steps", "2",

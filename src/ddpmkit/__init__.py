@@ -5,20 +5,40 @@
     pipe = ddpmkit.load_pipeline(run)
     out = ddpmkit.sample(pipe, scheduler="ddim", steps=40, num_images=16, seed=0)
     ddpmkit.save_grid(out.images, "samples.png")
+
+Names are imported on first use, so `ddpmkit --help` and one-line errors do not wait for torch and diffusers.
 """
-from ddpmkit.config import TrainConfig
-from ddpmkit.data import ImageData, load_image_data, make_dataloader
-from ddpmkit.errors import UserError
-from ddpmkit.images import make_grid, save_grid
-from ddpmkit.models import PRESETS, build_unet, load_pipeline
-from ddpmkit.sampling import SampleOutput, denoise, predicted_x0, sample
-from ddpmkit.schedulers import REGISTRY as SCHEDULERS, make_scheduler
-from ddpmkit.train import Trainer, train
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TrainConfig", "ImageData", "load_image_data", "make_dataloader", "UserError", "make_grid", "save_grid",
-    "PRESETS", "build_unet", "load_pipeline", "SampleOutput", "denoise", "predicted_x0", "sample", "SCHEDULERS",
-    "make_scheduler", "Trainer", "train", "__version__",
-]
+_EXPORTS = {
+    "TrainConfig": "config",
+    "UserError": "errors",
+    "ImageData": "data", "load_image_data": "data", "make_dataloader": "data",
+    "make_grid": "images", "save_grid": "images",
+    "PRESETS": "models", "build_unet": "models", "load_pipeline": "models",
+    "SampleOutput": "sampling", "denoise": "sampling", "predicted_x0": "sampling", "sample": "sampling",
+    "SCHEDULERS": ("schedulers", "REGISTRY"), "make_scheduler": "schedulers",
+    "Trainer": "trainer", "train": "trainer",
+    "Guide": "guidance", "LossGuidance": "guidance", "ColorLoss": "guidance", "ClipLoss": "guidance",
+    "ImageLoss": "guidance", "CustomLoss": "guidance", "build_guidance": "guidance",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'ddpmkit' has no attribute {name!r}")
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(f"ddpmkit.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -61,7 +61,7 @@ FINETUNE_DEFAULTS = {"output_dir": "runs/finetune", "model_save_name": "finetune
 
 
 def cmd_train(args) -> int:
-    from ddpmkit.train import train
+    from ddpmkit.trainer import train
 
     config = config_from_args(TrainConfig, args)
     path = train(config)
@@ -85,8 +85,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the --guide examples as written
     p.add_argument("--model", required=True, help="pipeline folder or Hub id (e.g. google/ddpm-cifar10-32)")
     p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
-                   help="sampler by name: auto (the measured default, docs/samplers.md), " + ", ".join(scheduler_names())
-                   + " (see 'ddpmkit schedulers'); ddpm with --seed reproduces DDPMPipeline")
+                   help="sampler by name: auto (the measured default, docs/samplers.md), "
+                   + ", ".join(scheduler_names()) + " ('ddpmkit schedulers'); ddpm with --seed reproduces DDPMPipeline")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the scheduler's, e.g. ddpm 1000, ddim 50)")
     p.add_argument("--num_images", type=int, default=None,
                    help="images to generate (default: 16; a class-conditioned model without --class_label: "

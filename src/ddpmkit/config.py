@@ -40,7 +40,7 @@ class TrainConfig:
     """Everything `ddpmkit train` (and `ddpmkit finetune`) needs; the defaults are the course's."""
 
     # --- data ---
-    dataset: str = opt("emoji", "built-in 'emoji' (or 'emoji:CATEGORY'), a Hub dataset id, an image folder, "
+    dataset: str = opt("emoji", "built-in 'emoji' (or 'emoji:CATEGORY'), 'fashion_mnist', a Hub dataset id, an image folder, "
                        "a save_to_disk folder, or a .parquet/.arrow file", aliases=("--dataset_name",))
     split: str = opt("train", "dataset split to read (Hub and save_to_disk datasets)")
     image_column: str | None = opt(None, "image column; found automatically when it is 'image', 'img' or the only image feature")

@@ -29,6 +29,6 @@ def plot_schedule(model: str | None = None, beta_schedule: str = "squaredcos_cap
         steps = torch.linspace(0, len(ab) - 1, 8).long()
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
         noisy = torch.cat([scheduler.add_noise(x0, noise, s[None]) for s in steps])
-        label = "t = " + " ".join(str(int(s)) for s in steps)
-        paths.append(labelled_rows([noisy.clamp(-1, 1)], [label[:0]], out.with_name(out.stem + "_noised.png")))
+        label = f"t=0..{len(ab) - 1}"  # 8 evenly spaced timesteps, left (clean) to right (noise)
+        paths.append(labelled_rows([noisy.clamp(-1, 1)], [label], out.with_name(out.stem + "_noised.png")))
     return paths

@@ -395,6 +395,12 @@ class Trainer:
             state = {"global_step": self.global_step, "num_processes": acc.num_processes,
                      "weights_checksum_per_process": per_rank}
             (self.output_dir / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        if acc.num_processes > 1:
+            # Free the DDP wrapper while the process group is still registered. Freed later (when the Trainer goes),
+            # its Reducer drops the group's last reference with the GIL held, and gloo's destructor then waits for
+            # a worker thread that needs the GIL: torchrun hung at exit now and then (pytorch/pytorch#56297).
+            self.unet = unet
+            acc.free_memory()
         acc.end_training()
         if self.config.push_to_hub and acc.is_main_process:
             from ddpmkit.hub import push_to_hub

@@ -1,0 +1,127 @@
+"""The one sampling loop: pixel-equal to DDPMPipeline for the same seed, trajectory and callback contents, and
+predicted_x0 equal to the scheduler's own pred_original_sample."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_plain_pipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler
+
+import ddpmkit
+from ddpmkit.images import to_uint8
+from ddpmkit.sampling import predicted_x0
+from ddpmkit.schedulers import make_scheduler
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: tiny UNets gain nothing from two, and spinning threads stall on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return save_plain_pipeline(tmp_path_factory.mktemp("pipe") / "plain")
+
+
+def _pipeline_uint8(folder, n: int, seed: int, steps: int) -> np.ndarray:
+    """What a course user gets from plain diffusers, as uint8 pixels (DDPMPipeline.numpy_to_pil's rounding)."""
+    pipe = DDPMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+               output_type="np").images
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("steps, seed, n", [(1000, 0, 2), (50, 7, 4)])
+def test_ddpm_sampling_equals_ddpm_pipeline(pipeline_dir, steps, seed, n):
+    ours = ddpmkit.sample(str(pipeline_dir), scheduler="ddpm", steps=steps, seed=seed, num_images=n, progress=False)
+    assert ours.images.shape == (n, 3, 8, 8) and ours.nfe == steps
+    reference = _pipeline_uint8(pipeline_dir, n, seed, steps)
+    mine = to_uint8(ours.images)
+    assert mine.shape == reference.shape == (n, 8, 8, 3)
+    diff = np.abs(mine.astype(int) - reference.astype(int))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}"
+    assert (diff > 0).mean() < 0.01  # exact today; a stray rounding difference at most
+    assert mine.std() > 5, "a non-trivial image, not a constant"
+
+
+def test_a_different_seed_gives_different_images(pipeline_dir):
+    a = ddpmkit.sample(str(pipeline_dir), scheduler="ddpm", steps=20, seed=0, num_images=2, progress=False).images
+    b = ddpmkit.sample(str(pipeline_dir), scheduler="ddpm", steps=20, seed=1, num_images=2, progress=False).images
+    again = ddpmkit.sample(str(pipeline_dir), scheduler="ddpm", steps=20, seed=0, num_images=2, progress=False).images
+    assert torch.equal(a, again) and (a - b).abs().mean() > 0.1
+
+
+def test_trajectory_and_callback_contents(pipeline_dir):
+    calls = []
+    out = ddpmkit.sample(str(pipeline_dir), scheduler="ddim", steps=10, seed=3, num_images=2, trajectory_every=4,
+                         callback=lambda info: calls.append({k: (v.clone() if torch.is_tensor(v) else v)
+                                                             for k, v in info.items()}), progress=False)
+    reference = make_scheduler("ddim", DDPMScheduler.load_config(pipeline_dir, subfolder="scheduler"))
+    assert isinstance(reference, DDIMScheduler)
+    reference.set_timesteps(10)
+    assert out.timesteps == [float(t) for t in reference.timesteps] and out.nfe == 10
+
+    # callback: once per step, in order, with what the step produced
+    assert [c["step"] for c in calls] == list(range(10)) and {c["num_steps"] for c in calls} == {10}
+    assert [int(c["t"]) for c in calls] == reference.timesteps.tolist()
+    assert set(calls[0]) >= {"step", "num_steps", "t", "sample", "pred_original_sample", "model_output", "loss"}
+    for c in calls:
+        assert c["sample"].shape == c["pred_original_sample"].shape == c["model_output"].shape == (2, 3, 8, 8)
+        assert c["loss"] is None
+    torch.testing.assert_close(calls[-1]["sample"].clamp(-1, 1), out.images)
+
+    # trajectory: every 4th step plus the last one; x_t after the step and x0 predicted at it
+    assert [s["step"] for s in out.trajectory] == [0, 4, 8, 9]
+    assert [s["t"] for s in out.trajectory] == [out.timesteps[i] for i in (0, 4, 8, 9)]
+    for record in out.trajectory:
+        call = calls[record["step"]]
+        assert torch.equal(record["sample"], call["sample"])
+        assert torch.equal(record["pred_original_sample"], call["pred_original_sample"])
+    # after the last step x_t has reached the x0 predicted at it (DDIM: alpha_bar_prev = 1 at the end)
+    last = out.trajectory[-1]
+    assert (last["sample"] - last["pred_original_sample"].clamp(-1, 1)).abs().max() < 0.05
+
+
+def test_callback_x0_is_the_models_x0_prediction(pipeline_dir):
+    """pred_original_sample in the callback = (x_t - sqrt(1 - ab) eps) / sqrt(ab) at the step's input x_t."""
+    seen = []
+    ddpmkit.sample(str(pipeline_dir), scheduler="ddim", steps=5, seed=0, num_images=1, progress=False,
+                   callback=lambda info: seen.append((info["t"], info["model_output"].clone(),
+                                                      info["pred_original_sample"].clone(), info["sample"].clone())))
+    scheduler = DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler")
+    ab = scheduler.alphas_cumprod
+    x = None
+    for t, eps, x0, x_next in seen:
+        if x is not None:  # the input of this step is the output of the previous one
+            a = ab[int(t)]
+            torch.testing.assert_close(x0, (x - (1 - a).sqrt() * eps) / a.sqrt(), rtol=1e-5, atol=1e-5)
+        x = x_next
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler"])
+def test_predicted_x0_matches_the_schedulers_pred_original_sample(name, prediction_type):
+    config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                           prediction_type=prediction_type).config
+    g = torch.Generator().manual_seed(0)
+    for steps in (100, 25):
+        scheduler = make_scheduler(name, config)
+        if name == "euler":
+            assert isinstance(scheduler, EulerDiscreteScheduler)
+        assert scheduler.config.prediction_type == prediction_type and not scheduler.config.get("clip_sample")
+        scheduler.set_timesteps(steps)
+        x = torch.randn(2, 3, 8, 8, generator=g) * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            model_output = torch.randn(2, 3, 8, 8, generator=g)
+            ours = predicted_x0(scheduler, model_output, x, t)
+            kwargs = {"generator": g} if name != "ddim" else {}
+            theirs = scheduler.step(model_output, t, x, **kwargs)
+            torch.testing.assert_close(ours, theirs.pred_original_sample, rtol=1e-4, atol=1e-4,
+                                       msg=f"{name} {prediction_type} step {i} t={int(t)}")
+            x = theirs.prev_sample

@@ -1,0 +1,276 @@
+"""The one training loop: a step changes the weights, seeds reproduce, accumulation scales the loss, targets follow
+prediction_type, EMA is what gets saved, checkpoints resume at the right step, and plain diffusers loads the result."""
+from __future__ import annotations
+
+import importlib
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddpmkit.config import TrainConfig
+from ddpmkit.data import ImageData
+from ddpmkit.trainer import Trainer, train
+
+train_module = importlib.import_module("ddpmkit.trainer")
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: a ~20k-parameter UNet gains nothing from two, and two threads spinning on a
+    shared 2-core machine make every tiny op wait (measured: 10x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _data(n: int = 8, size: int = 8, seed: int = 0) -> ImageData:
+    g = torch.Generator().manual_seed(seed)
+    return ImageData(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8), source="random")
+
+
+def _config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    """A run of the micro preset at 8x8 that writes a 4-image, 2-step sample grid at the end."""
+    base = dict(preset="micro", image_size=8, batch_size=4, max_steps=2, device="cpu", num_sample_images=4,
+                sample_steps=2, output_dir=str(tmp_path / name), seed=0)
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / WEIGHTS))
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class FixedRandom(types.ModuleType):
+    """Stands in for `torch` inside ddpmkit.trainer: noise and timesteps come from fixed tables, handed out in order.
+
+    The same table rows go to the same images whatever the micro-batch size, so accumulated and full-batch
+    steps see identical (x0, eps, t) triples.
+    """
+
+    def __init__(self, noise: torch.Tensor, timesteps: torch.Tensor, optimizer_cls=None):
+        super().__init__("torch")
+        self.noise, self.timesteps, self.used_noise, self.used_t = noise, timesteps, 0, 0
+        if optimizer_cls is not None:
+            self.optim = types.SimpleNamespace(AdamW=optimizer_cls)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randn_like(self, x, **kwargs):
+        out = self.noise[self.used_noise:self.used_noise + x.shape[0]].to(x)
+        self.used_noise += x.shape[0]
+        assert out.shape == x.shape, "ran out of fixed noise"
+        return out
+
+    def randint(self, low, high, size, **kwargs):
+        out = self.timesteps[self.used_t:self.used_t + size[0]]
+        self.used_t += size[0]
+        assert len(out) == size[0] and int(out.max()) < high
+        return out
+
+
+# ----------------------------------------------------------------------------- one run, many checks
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """Two optimizer steps from scratch; keeps the initial and final weights of the Trainer."""
+    tmp = tmp_path_factory.mktemp("short")
+    trainer = Trainer(_config(tmp), data=_data())
+    initial = _state(trainer.unet)
+    path = trainer.run()
+    final = _state(trainer.accelerator.unwrap_model(trainer.unet))
+    return types.SimpleNamespace(path=path, initial=initial, final=final, trainer=trainer)
+
+
+def test_training_steps_are_finite_and_change_the_weights(short_run):
+    records = [json.loads(line) for line in (short_run.path / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and 0 < r["loss"] < 10 for r in records)
+    assert all(r["lr"] == pytest.approx(4e-4) for r in records)  # the course's learning rate
+    saved = _weights(short_run.path)
+    assert set(saved) == set(short_run.initial)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    changed = [k for k in saved if not torch.equal(saved[k], short_run.initial[k])]
+    assert len(changed) > 0.9 * len(saved), f"only {len(changed)} of {len(saved)} tensors moved"
+    # without EMA the saved weights are the trained weights
+    assert all(torch.equal(saved[k], short_run.final[k]) for k in saved)
+    state = json.loads((short_run.path / "train_state.json").read_text())
+    assert state["global_step"] == 2 and state["num_processes"] == 1
+
+
+def test_saved_folder_is_a_plain_diffusers_pipeline(short_run):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    path = short_run.path
+    for name in ("model_index.json", "unet/config.json", WEIGHTS, "scheduler/scheduler_config.json",
+                 "loss.jsonl", "loss_curve.png", "samples.png", "train_config.json"):
+        assert (path / name).is_file(), name
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    scheduler = json.loads((path / "scheduler/scheduler_config.json").read_text())
+    assert scheduler["beta_schedule"] == "squaredcos_cap_v2" and scheduler["num_train_timesteps"] == 1000
+    assert scheduler["prediction_type"] == "epsilon"
+
+    pipe = DDPMPipeline.from_pretrained(path)
+    assert isinstance(pipe.unet, UNet2DModel) and isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.unet.config.sample_size == 8 and tuple(pipe.unet.config.block_out_channels) == (8, 16)
+    loaded = pipe.unet.state_dict()
+    assert all(torch.equal(loaded[k], short_run.final[k]) for k in loaded)
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 8, 8, 3) and np.isfinite(images).all()
+
+    grid = Image.open(path / "samples.png")
+    assert grid.size == (2 * (8 + 2) + 2,) * 2  # 4 images of 8x8 in a 2x2 grid with 2-pixel padding
+    assert Image.open(path / "loss_curve.png").size[0] >= 300
+
+
+def test_same_seed_gives_identical_weights(tmp_path, short_run):
+    again = train(_config(tmp_path, "again"), data=_data())
+    other = train(_config(tmp_path, "other", seed=1), data=_data())
+    reference, same, different = _weights(short_run.path), _weights(again), _weights(other)
+    assert all(torch.equal(reference[k], same[k]) for k in reference)
+    assert sum(not torch.equal(reference[k], different[k]) for k in reference) > 0.9 * len(reference)
+
+
+def test_a_fresh_run_in_an_old_folder_starts_a_new_loss_log(tmp_path):
+    config = _config(tmp_path, max_steps=1)
+    train(config, data=_data())
+    train(config, data=_data())
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/loss.jsonl").read_text().splitlines()]
+    assert steps == [1]
+
+
+def test_grayscale_model_has_one_channel(tmp_path):
+    data = ImageData(_data(4).images[:, :1], source="gray")
+    path = train(_config(tmp_path, channels=1, max_steps=1), data=data)
+    unet = json.loads((path / "unet/config.json").read_text())
+    assert unet["in_channels"] == unet["out_channels"] == 1
+    assert Image.open(path / "samples.png").mode == "L"
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+def test_grad_accumulation_gives_the_full_batch_gradient(tmp_path, monkeypatch):
+    """accumulation 2 x batch 2 == batch 4 on the same images, noise and timesteps: the loss is divided by 2."""
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.tensor([10, 300, 650, 990])
+    data = _data(4)
+    grads = {}
+
+    def run(name: str, batch_size: int, accumulation: int) -> list[torch.Tensor]:
+        seen = []
+
+        class RecordingSGD(torch.optim.SGD):  # the gradient the optimizer step sees
+            def __init__(self, params, lr, weight_decay):
+                super().__init__(params, lr=lr)
+
+            def step(self, closure=None):
+                seen.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+                return super().step(closure)
+
+        monkeypatch.setattr(train_module, "torch", FixedRandom(noise, timesteps, RecordingSGD))
+        config = _config(tmp_path, name, batch_size=batch_size, grad_accumulation_steps=accumulation, max_steps=1,
+                         random_flip=False, max_grad_norm=0.0, lr=1e-3)
+        trainer = Trainer(config, data=data)
+        trainer.run()
+        assert trainer.global_step == 1 and len(seen) == 1, "one optimizer step"
+        assert train_module.torch.used_noise == 4, "each of the 4 images was noised once"
+        return seen[0]
+
+    full = run("full", batch_size=4, accumulation=1)
+    accumulated = run("accumulated", batch_size=2, accumulation=2)
+    monkeypatch.undo()
+    norm = torch.sqrt(sum((g**2).sum() for g in full))
+    assert norm > 1e-3
+    for a, b in zip(full, accumulated):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    # the check has teeth: without the division the accumulated gradient is twice the full one
+    assert not torch.allclose(full[0], 2 * accumulated[0], rtol=1e-3, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- loss targets
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_loss_target_follows_prediction_type(tmp_path, monkeypatch, prediction_type):
+    data = _data(3)
+    trainer = Trainer(_config(tmp_path, prediction_type=prediction_type), data=data)
+    assert trainer.noise_scheduler.config.prediction_type == prediction_type
+    x0 = data.images.float() / 127.5 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0, 499, 999])
+    monkeypatch.setattr(train_module, "torch", FixedRandom(eps, t))
+    loss = trainer.forward_backward({"images": x0, "labels": torch.full((3,), -1)})
+    monkeypatch.undo()
+
+    # by hand (DDPM eq. 4 and Salimans & Ho 2022 for v), from the scheduler's alphas_cumprod
+    ab = trainer.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    target = {"epsilon": eps, "sample": x0, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction_type]
+    with torch.no_grad():
+        output = trainer.unet(x_t, t).sample
+    torch.testing.assert_close(loss.detach(), F.mse_loss(output, target), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None for p in trainer.unet.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- EMA
+def test_ema_weights_are_saved(tmp_path):
+    trainer = Trainer(_config(tmp_path, use_ema=True, max_steps=3, prediction_type="v_prediction"), data=_data())
+    path = trainer.run()
+    saved = _weights(path)
+    raw = _state(trainer.accelerator.unwrap_model(trainer.unet))
+    ema = dict(zip([name for name, _ in trainer.accelerator.unwrap_model(trainer.unet).named_parameters()],
+                   trainer.ema.shadow_params))
+    assert trainer.ema.optimization_step == 3
+    differ = [k for k in ema if not torch.equal(saved[k], raw[k])]
+    assert len(differ) > 0.9 * len(ema), "the saved weights must be the EMA weights, not the raw ones"
+    assert all(torch.equal(saved[k], ema[k].detach().cpu()) for k in ema)
+    scheduler = json.loads((path / "scheduler/scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_and_resume_latest_continues_at_the_right_step(tmp_path, monkeypatch):
+    config = _config(tmp_path, max_steps=4, checkpointing_steps=2, batch_size=2)
+    first = Trainer(config, data=_data())
+    first.run()
+    run_dir = tmp_path / "run"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000002"]  # the last step is saved as the pipeline, not as a checkpoint
+    checkpoint = run_dir / "checkpoints/step_0000002"
+    assert json.loads((checkpoint / "training_state.json").read_text()) == {"global_step": 2}
+    first_log = (run_dir / "loss.jsonl").read_text().splitlines()
+
+    resumed_weights = []
+    original_run_step = Trainer.run_step
+
+    def counting_run_step(self, batch):
+        if not resumed_weights:
+            resumed_weights.append(_state(self.accelerator.unwrap_model(self.unet)))
+        return original_run_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "run_step", counting_run_step)
+    calls = []
+    monkeypatch.setattr(Trainer, "forward_backward",
+                        lambda self, batch, _fb=Trainer.forward_backward: calls.append(1) or _fb(self, batch))
+    second = Trainer(_config(tmp_path, max_steps=4, checkpointing_steps=2, batch_size=2,
+                             resume_from_checkpoint="latest"), data=_data())
+    second.run()
+    assert len(calls) == 2, "steps 3 and 4 only"
+    checkpoint_weights = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.equal(resumed_weights[0][k], checkpoint_weights[k]) for k in checkpoint_weights)
+    log = (run_dir / "loss.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+    assert log[:2] == first_log[:2]
+    assert json.loads((run_dir / "train_state.json").read_text())["global_step"] == 4
+    assert json.loads((run_dir / "ddpmkit.json").read_text())["step"] == 4
