@@ -30,5 +30,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
+samplers-table: $(STAMP)
+	$(BIN)/python benchmarks/samplers_table.py
+
 clean:
 	rm -rf demo-output .pytest_cache

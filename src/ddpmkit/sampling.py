@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpmkit.errors import UserError
-from ddpmkit.schedulers import default_steps, make_scheduler, step_kwargs
+from ddpmkit.schedulers import AUTO, SIGMA_MAX, default_steps, make_scheduler, resolve_auto, set_timesteps, step_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,14 @@ def _alpha_bar_and_vp_sample(scheduler, x: torch.Tensor, t: torch.Tensor) -> tup
 
     Sigma-based schedulers (Euler, Heun, LMS, DPM-SDE: init_noise_sigma > 1) keep x = x0 + sigma * eps,
     so ab = 1 / (1 + sigma^2) and x_vp = x / sqrt(1 + sigma^2) (the scaling of `scale_model_input`).
+    The multistep solvers (DPM-Solver++, UniPC, DEIS) keep x in the VP scale but also carry the exact
+    sigma of each step, which is what their (possibly fractional, Karras) timestep means.
     """
-    if getattr(scheduler, "sigmas", None) is not None and float(scheduler.init_noise_sigma) > 1.0:
+    if getattr(scheduler, "sigmas", None) is not None and hasattr(scheduler, "index_for_timestep"):
         index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(t)
         sigma = scheduler.sigmas[index].to(x.device, torch.float32)
         alpha_bar = 1.0 / (1.0 + sigma**2)
-        return alpha_bar, x * alpha_bar.sqrt()
+        return alpha_bar, x * alpha_bar.sqrt() if float(scheduler.init_noise_sigma) > 1.0 else x
     alphas_cumprod = scheduler.alphas_cumprod.to(x.device, torch.float32)
     index = int(t.item()) if torch.is_tensor(t) else int(t)
     return alphas_cumprod[index], x
@@ -143,15 +145,19 @@ def resolve_pipeline(model):
     return model
 
 
-def sample(model, scheduler: str = "ddpm", steps: int | None = None, num_images: int = 16, batch_size: int | None = None,
+def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: int = 16, batch_size: int | None = None,
            seed: int | None = None, generator: torch.Generator | None = None, eta: float | None = None,
            karras: bool | None = None, timestep_spacing: str | None = None, solver_order: int | None = None,
-           guidance: Guidance | None = None, class_labels=None, cfg_scale: float = 1.0, trajectory_every: int = 0,
+           sigma_max: float | None = SIGMA_MAX, guidance: Guidance | None = None, class_labels=None,
+           cfg_scale: float = 1.0, trajectory_every: int = 0,
            callback: Callable[[dict], None] | None = None, device: str | torch.device | None = None,
            progress: bool = True) -> SampleOutput:
     """Generate `num_images` images from `model` with scheduler `scheduler` (a registry name) in `steps` steps.
 
-    `seed` means `torch.Generator("cpu").manual_seed(seed)` used as DDPMPipeline uses its generator.
+    `scheduler="auto"` is the measured default (`schedulers.AUTO_CHOICE`, docs/samplers.md); "ddpm" with
+    `seed` reproduces DDPMPipeline. `seed` means `torch.Generator("cpu").manual_seed(seed)` used as
+    DDPMPipeline uses its generator. `sigma_max` caps the starting noise level of the sigma-array samplers
+    (all but ddpm, ddim, pndm; None: the model's full schedule, as plain diffusers samples it).
     """
     pipe = resolve_pipeline(model)
     unet = pipe.unet
@@ -163,13 +169,21 @@ def sample(model, scheduler: str = "ddpm", steps: int | None = None, num_images:
     batch_size = batch_size or num_images
     if batch_size < 1:
         raise UserError(f"--batch_size must be at least 1 (got {batch_size})")
+    if scheduler == AUTO:
+        scheduler, steps, chosen = resolve_auto(scheduler, steps, karras=karras, timestep_spacing=timestep_spacing,
+                                                solver_order=solver_order)
+        karras, timestep_spacing, solver_order = (chosen.get(k) for k in ("karras", "timestep_spacing", "solver_order"))
+        logger.info("scheduler auto: %s %s, %d steps", scheduler, chosen, steps)
     steps = steps or default_steps(scheduler)
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
     sched = make_scheduler(scheduler, pipe.scheduler.config, karras=karras, timestep_spacing=timestep_spacing,
-                           solver_order=solver_order, seed=seed)
-    if steps > sched.config.num_train_timesteps:
-        raise UserError(f"--steps {steps} is more than the model's {sched.config.num_train_timesteps} training steps")
+                           solver_order=solver_order, seed=seed, steps=steps, sigma_max=sigma_max)
+    limit = sched.config.num_train_timesteps
+    if steps > limit:
+        why = ("the model's training steps" if limit == pipe.scheduler.config.num_train_timesteps
+               else f"the model's training steps at noise levels up to sigma_max {sigma_max:g}")
+        raise UserError(f"--steps {steps} is more than the {limit} timesteps {scheduler} can use ({why})")
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
     labels = _class_label_tensor(unet, class_labels, num_images)
@@ -182,7 +196,7 @@ def sample(model, scheduler: str = "ddpm", steps: int | None = None, num_images:
     try:
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
-            sched.set_timesteps(steps, device=device)
+            set_timesteps(sched, steps, device=device)
             timesteps = [float(t) for t in sched.timesteps]
             nfe = len(timesteps)
             from diffusers.utils.torch_utils import randn_tensor

@@ -2,7 +2,9 @@
 
 `from_config` keeps the noise schedule the model was trained with (betas, T, prediction_type);
 only the sampling rule changes. Options (`karras`, `timestep_spacing`, `solver_order`) are passed
-only to schedulers whose constructor accepts them, checked with `inspect.signature`.
+only to schedulers whose constructor accepts them, checked with `inspect.signature`. The samplers that
+step along a sigma array start at noise level sigma <= SIGMA_MAX (docs/samplers.md says why and what
+it changes); ddpm, ddim and pndm keep the model's full schedule.
 """
 from __future__ import annotations
 
@@ -10,10 +12,17 @@ import inspect
 from dataclasses import dataclass, field
 
 import diffusers
+import numpy as np
+import torch
 
 from ddpmkit.errors import UserError
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# The largest noise level the sigma-array samplers start from: about the classic linear schedule's last sigma
+# (sqrt((1 - ab) / ab) = 157 at t = 999), where x_t is still indistinguishable from noise. A squaredcos_cap_v2
+# model ends at sigma 20,291 (betas capped at 0.999 in its last steps); Karras spacing from there crashes the
+# multistep solvers and Heun's first step diverges. Linear models are below the cap, so they are unchanged.
+SIGMA_MAX = 160.0
 
 
 @dataclass(frozen=True)
@@ -22,13 +31,18 @@ class SchedulerSpec:
     description: str
     default_steps: int
     fixed: dict = field(default_factory=dict)  # constructor arguments that define this sampler
+    # Start at sigma <= SIGMA_MAX. Only for samplers that step along their own sigma array; ddpm, ddim and pndm
+    # step t -> t - T // steps, which a shorter schedule would break (and ddpm must equal DDPMPipeline).
+    capped: bool = True
 
 
 REGISTRY: dict[str, SchedulerSpec] = {
-    "ddpm": SchedulerSpec("DDPMScheduler", "DDPM ancestral sampling (Ho et al. 2020): the training chain, best at 1000 steps", 1000),
-    "ddim": SchedulerSpec("DDIMScheduler", "DDIM (Song et al. 2021): deterministic at eta=0, good at 20-50 steps", 50),
+    "ddpm": SchedulerSpec("DDPMScheduler", "DDPM ancestral sampling (Ho et al. 2020): the training chain, best at 1000 steps", 1000,
+                          capped=False),
+    "ddim": SchedulerSpec("DDIMScheduler", "DDIM (Song et al. 2021): deterministic at eta=0, good at 20-50 steps", 50,
+                          capped=False),
     "pndm": SchedulerSpec("PNDMScheduler", "PNDM / PLMS (Liu et al. 2022): pseudo linear multistep", 50,
-                          {"skip_prk_steps": True}),
+                          {"skip_prk_steps": True}, capped=False),
     "dpm++": SchedulerSpec("DPMSolverMultistepScheduler", "DPM-Solver++ 2M (Lu et al. 2022): multistep ODE solver, good at 10-25 steps", 20,
                            {"algorithm_type": "dpmsolver++"}),
     "dpm++sde": SchedulerSpec("DPMSolverSDEScheduler", "DPM-Solver++ SDE (Lu et al. 2022): stochastic, 2 model calls per step (needs torchsde)", 20),
@@ -39,6 +53,13 @@ REGISTRY: dict[str, SchedulerSpec] = {
     "lms": SchedulerSpec("LMSDiscreteScheduler", "Linear multistep (k-diffusion's LMS) on Karras-style sigmas", 30),
     "deis": SchedulerSpec("DEISMultistepScheduler", "DEIS (Zhang & Chen 2023): exponential integrator multistep", 20),
 }
+
+
+# `scheduler="auto"` (the default of `ddpmkit sample` and `ddpmkit.sample`): the fewest model calls whose samples
+# match ddpm at 1000 steps on the exact-score model, for linear and squaredcos_cap_v2 models alike. Measured by
+# benchmarks/samplers_table.py (`make samplers-table`); the table and the bounds are in docs/samplers.md.
+AUTO = "auto"
+AUTO_CHOICE = {"scheduler": "deis", "steps": 15, "karras": True, "solver_order": 3}  # 15 calls vs ddpm's 1000
 
 
 def scheduler_names() -> list[str]:
@@ -52,6 +73,15 @@ def is_available(name: str) -> bool:
         return True
     except UserError:
         return False
+
+
+def resolve_auto(name: str, steps: int | None = None, **options) -> tuple[str, int | None, dict]:
+    """'auto' -> the measured default (scheduler, steps, options); steps or options given explicitly still win."""
+    if name != AUTO:
+        return name, steps, options
+    chosen = {k: v for k, v in AUTO_CHOICE.items() if k not in ("scheduler", "steps")}
+    chosen.update({k: v for k, v in options.items() if v is not None})
+    return AUTO_CHOICE["scheduler"], steps or AUTO_CHOICE["steps"], chosen
 
 
 def _scheduler_class(name: str):
@@ -68,12 +98,53 @@ def _scheduler_class(name: str):
 
 
 def default_steps(name: str) -> int:
+    if name == AUTO:
+        return AUTO_CHOICE["steps"]
     return REGISTRY[name].default_steps if name in REGISTRY else 50
 
 
+def _betas(config: dict) -> torch.Tensor:
+    """The training betas of a scheduler config (any beta_schedule, trained_betas, zero-SNR rescaling)."""
+    return diffusers.DDPMScheduler.from_config(config).betas
+
+
+def _truncated(config: dict, keep: int) -> dict:
+    """The schedule's first `keep` timesteps: same betas, so t means the same noise level to the model."""
+    # trained_betas already holds any zero-SNR rescaling: do not rescale the cut schedule again
+    return {**config, "num_train_timesteps": keep, "trained_betas": _betas(config)[:keep].tolist(),
+            "rescale_betas_zero_snr": False}
+
+
+def capped_timesteps(config: dict, sigma_max: float) -> int:
+    """How many timesteps have sigma_t = sqrt((1 - ab_t) / ab_t) <= sigma_max (all of them when none is above)."""
+    alphas_cumprod = torch.cumprod(1 - _betas(config).double(), 0)
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    keep = int((sigmas <= sigma_max).sum())
+    if keep < 2:
+        raise UserError(f"sigma_max {sigma_max} is below the model's smallest noise levels ({float(sigmas[1]):.3g})")
+    return keep
+
+
+def _trailing_safe(num_train_timesteps: int, steps: int) -> int:
+    """The largest T' <= T for which diffusers' trailing spacing, np.arange(T', 0, -T'/steps), has `steps` values.
+
+    When T / steps is inexact the float arange can yield one value more, whose timestep is -1 (alphas_cumprod[-1],
+    the noisiest level, as the last step): diffusers 0.42 does this for T = 1000, steps = 61.
+    """
+    keep = num_train_timesteps
+    while keep > steps and len(np.arange(keep, 0, -keep / steps)) != steps:
+        keep -= 1
+    return keep
+
+
 def make_scheduler(name: str, config: dict, karras: bool | None = None, timestep_spacing: str | None = None,
-                   solver_order: int | None = None, seed: int | None = None):
-    """Scheduler `name` built with `from_config(config)` (the model's schedule) plus validated options."""
+                   solver_order: int | None = None, seed: int | None = None, steps: int | None = None,
+                   sigma_max: float | None = SIGMA_MAX):
+    """Scheduler `name` built with `from_config(config)` (the model's schedule) plus validated options.
+
+    The sigma-array samplers (all but ddpm, ddim, pndm) start at sigma <= `sigma_max` (None: the full schedule,
+    as diffusers does). With `steps`, the schedule is also cut so that trailing spacing gives exactly `steps` timesteps.
+    """
     cls = _scheduler_class(name)
     accepted = set(inspect.signature(cls.__init__).parameters)
     options = dict(REGISTRY[name].fixed)
@@ -92,13 +163,47 @@ def make_scheduler(name: str, config: dict, karras: bool | None = None, timestep
     if "noise_sampler_seed" in accepted and seed is not None:
         options["noise_sampler_seed"] = seed
     base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    total = base.get("num_train_timesteps", 1000)
+    class_spacing = inspect.signature(cls.__init__).parameters.get("timestep_spacing")
+    spacing = options.get("timestep_spacing", base.get("timestep_spacing", class_spacing and class_spacing.default))
+    # leading spacing stops T // steps below the top on its own; Karras, trailing and linspace start at T - 1
+    reaches_top = options.get("use_karras_sigmas", base.get("use_karras_sigmas")) or spacing != "leading"
+    capped = REGISTRY[name].capped and sigma_max is not None and reaches_top
+    keep = capped_timesteps(base, sigma_max) if capped else total
+    if steps is not None and spacing == "trailing":
+        keep = _trailing_safe(keep, steps)
+    if keep < total:
+        base = _truncated(base, keep)
     return cls.from_config(base, **options)
+
+
+def set_timesteps(scheduler, steps: int, device=None) -> None:
+    """`scheduler.set_timesteps(steps)`, with multistep Karras timesteps made exact (the fractional t of each sigma).
+
+    DPM-Solver++, UniPC and DEIS cast their Karras timesteps to integers (floor for squaredcos_cap_v2), so the
+    model is told another noise level than x has, and near t = 0 several steps share one timestep (IndexError
+    at 50 steps on a cosine model). The UNet embeds fractional t as well; t(sigma) inverts diffusers'
+    log-sigma interpolation, as Euler and Heun already do.
+    """
+    scheduler.set_timesteps(steps, device=device)
+    sigmas = getattr(scheduler, "sigmas", None)
+    timesteps = scheduler.timesteps
+    if (getattr(scheduler.config, "use_karras_sigmas", False) and sigmas is not None
+            and not timesteps.is_floating_point() and len(sigmas) == len(timesteps) + 1):
+        alphas_cumprod = scheduler.alphas_cumprod.double()
+        log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod).sqrt()).log().numpy()
+        exact = np.interp(np.log(sigmas[:-1].double().numpy()), log_sigmas, np.arange(len(log_sigmas)))
+        scheduler.timesteps = torch.as_tensor(exact, dtype=torch.float32, device=timesteps.device)
+    if float(scheduler.timesteps.min()) < 0:
+        raise UserError(f"{type(scheduler).__name__} made a negative timestep for {steps} steps: use another --steps")
 
 
 def step_kwargs(scheduler, generator=None, eta: float | None = None) -> dict:
     """Extra `step()` arguments, passed only where `scheduler.step` accepts them (as diffusers' pipelines do)."""
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs = {}
+    if eta is not None and not 0 <= eta <= 1:
+        raise UserError(f"--eta must be between 0 (deterministic DDIM) and 1 (DDPM-like noise) (got {eta})")
     if "generator" in accepted and generator is not None:
         kwargs["generator"] = generator
     if eta is not None:

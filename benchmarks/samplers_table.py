@@ -1,0 +1,324 @@
+"""Every sampler on the exact-score model: scheduler x options x steps x schedule -> spread, mode TV, SWD, NFE.
+
+The model is `ddpmkit.oracle` (a Gaussian mixture whose noise prediction is exact), with linear and with
+squaredcos_cap_v2 betas, so any distance to the true distribution is the sampler's own error. A setting
+"matches" ddpm at 1000 steps on a schedule when
+    |spread - 1| <= |spread of ddpm-1000 - 1| + SPREAD_SLACK,
+    mode TV <= max(ddpm-1000's, the largest of 20 true sample sets'),
+    SWD     <= max(ddpm-1000's, the largest of 20 true sample sets'),
+all at the same sample count. The default (`scheduler="auto"`) is the setting with the fewest model calls
+that matches on both schedules at its step count and at every larger step count measured.
+
+    make samplers-table                                      # 4-8 minutes on 2 cores
+    python benchmarks/samplers_table.py --num_images 500 --quick   # a smoke run in seconds
+
+Writes benchmarks/results/samplers_table.{json,md} and the generated part of docs/samplers.md.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import platform
+import re
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import diffusers
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ddpmkit.oracle import evaluate, oracle_pipeline, true_sample_range  # noqa: E402
+from ddpmkit.sampling import denoise, sample  # noqa: E402
+from ddpmkit.schedulers import AUTO_CHOICE, REGISTRY, SIGMA_MAX, _scheduler_class  # noqa: E402
+
+SCHEDULES = ("linear", "squaredcos_cap_v2")
+STEPS = (5, 8, 10, 15, 20, 25, 30, 40, 50)
+SDE_STEPS = (10, 15, 20, 30, 50)  # dpm++sde's Brownian tree costs ~50x a model call here: fewer points
+QUICK_STEPS = (10, 30)
+SPREAD_SLACK = 0.02  # ddpm-1000 itself is 4-7% under 1 (closed form: oracle.ddpm_spread_ratio)
+# The failures reported in issue 5 (and the trailing-spacing bug), measured before (plain diffusers 0.42, full
+# schedule) and after (ddpmkit: sigma cap, exact Karras timesteps, trailing repair), on both schedules.
+REPRO = (
+    ("dpm++", {"karras": True}, 20), ("unipc", {"karras": True}, 20), ("deis", {"karras": True}, 20),
+    ("dpm++", {"karras": True}, 50), ("heun", {"timestep_spacing": "linspace"}, 25),
+    ("heun", {"timestep_spacing": "trailing"}, 10), ("ddim", {"timestep_spacing": "trailing"}, 61),
+    ("ddim", {}, 20), ("dpm++", {}, 20), ("unipc", {}, 20), ("euler", {}, 20), ("dpm++", {"karras": True}, 10),
+)
+DOC_START, DOC_END = "<!-- samplers-table:start -->", "<!-- samplers-table:end -->"
+
+
+def variants(name: str) -> list[dict]:
+    """The options measured for a scheduler: its default, trailing spacing, Karras sigmas, Karras at order 3."""
+    accepted = inspect.signature(_scheduler_class(name).__init__).parameters
+    if name == "dpm++sde":  # its Brownian tree costs ~50 model calls here: Karras only (uniform spacing is poor)
+        return [{"karras": True}]
+    out = [{}]
+    if "timestep_spacing" in accepted:
+        out.append({"timestep_spacing": "trailing"})
+    if "use_karras_sigmas" in accepted:
+        out.append({"karras": True})
+    if "solver_order" in accepted:
+        out.append({"karras": True, "solver_order": 3})
+    return out
+
+
+def label(name: str, options: dict) -> str:
+    parts = [name]
+    if options.get("karras"):
+        parts.append("karras")
+    if "timestep_spacing" in options:
+        parts.append(options["timestep_spacing"])
+    if "solver_order" in options:
+        parts.append(f"order {options['solver_order']}")
+    return " ".join(parts)
+
+
+def run_ddpmkit(pipe, name: str, steps: int, options: dict, n: int, seed: int) -> tuple[torch.Tensor, int]:
+    out = sample(pipe, scheduler=name, steps=steps, num_images=n, seed=seed, progress=False, **options)
+    return out.images, out.nfe
+
+
+def run_plain(pipe, name: str, steps: int, options: dict, n: int, seed: int) -> tuple[torch.Tensor, int]:
+    """The same loop on a scheduler as plain diffusers 0.42 builds it: full schedule, no repairs ("before")."""
+    spec = REGISTRY[name]
+    kwargs = {{"karras": "use_karras_sigmas"}.get(k, k): v for k, v in options.items()}
+    cls = getattr(diffusers, spec.class_name)
+    if "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        kwargs["noise_sampler_seed"] = seed
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    scheduler = cls.from_config(config, **spec.fixed, **kwargs)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *pipe.mixture.shape), generator=generator) * scheduler.init_noise_sigma
+    x, _, _ = denoise(pipe.unet, scheduler, x, generator=generator)
+    return x.float().clamp(-1, 1), len(scheduler.timesteps)
+
+
+def measure(runner, pipe, name: str, steps: int, options: dict, n: int, seed: int) -> dict:
+    start = time.perf_counter()
+    try:
+        images, nfe = runner(pipe, name, steps, options, n, seed)
+    except Exception as err:  # a crash is a result here (IndexError / AssertionError inside diffusers)
+        return {"error": f"{type(err).__name__}: {str(err)[:70]}", "nfe": None}
+    row = evaluate(images, pipe.mixture, seed=seed)
+    row.update(nfe=nfe, seconds=round(time.perf_counter() - start, 2))
+    return row
+
+
+def bounds_from(baseline: dict, truth: dict) -> dict:
+    return {"spread_dev": abs(baseline["spread"] - 1) + SPREAD_SLACK,
+            "mode_tv": max(baseline["mode_tv"], truth["mode_tv"]["max"]),
+            "swd": max(baseline["swd"], truth["swd"]["max"])}
+
+
+def passes(row: dict, bounds: dict) -> bool:
+    return ("error" not in row and row["finite"] and abs(row["spread"] - 1) <= bounds["spread_dev"]
+            and row["mode_tv"] <= bounds["mode_tv"] and row["swd"] <= bounds["swd"])
+
+
+def measure_schedule(schedule: str, n: int, seed: int, quick: bool) -> dict:
+    """Everything measured on one schedule (one worker process per schedule)."""
+    torch.set_num_threads(1)  # tiny tensors: one thread per process is many times faster than sharing two
+    warnings.filterwarnings("ignore")
+    log = logging.getLogger("samplers_table")
+    t_start = time.perf_counter()
+    pipe = oracle_pipeline(schedule)
+    base = measure(run_ddpmkit, pipe, "ddpm", 1000, {}, n, seed)
+    truth = true_sample_range(pipe.mixture, n, seed)
+    bounds = bounds_from(base, truth)
+    out = {"baseline": base, "truth": truth, "bounds": bounds, "rows": []}
+
+    def add(kind, runner, name, options, steps):
+        row = measure(runner, pipe, name, steps, options, n, seed)
+        out["rows"].append({**row, "kind": kind, "schedule": schedule, "scheduler": name, "options": options,
+                            "label": label(name, options), "steps": steps, "pass": passes(row, bounds)})
+
+    for steps in (50, 100, 250, 500):
+        add("grid", run_ddpmkit, "ddpm", {}, steps)
+    for name in REGISTRY:
+        if name == "ddpm":
+            continue
+        for options in variants(name):
+            grid = QUICK_STEPS if quick else SDE_STEPS if name == "dpm++sde" else STEPS
+            for steps in grid:
+                add("grid", run_ddpmkit, name, options, steps)
+        log.info("%s %s done (%.0f s)", schedule, name, time.perf_counter() - t_start)
+    if not quick:
+        for name, options, steps in REPRO:
+            add("before", run_plain, name, options, steps)
+            add("after", run_ddpmkit, name, options, steps)
+    auto = dict(AUTO_CHOICE)
+    name, steps = auto.pop("scheduler"), auto.pop("steps")
+    add("auto", run_ddpmkit, name, auto, steps)
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    return out
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """Fewest NFE among settings that match on every schedule at their step count and at all larger ones measured."""
+    by_setting: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["kind"] == "grid" and row["scheduler"] != "ddpm":
+            by_setting.setdefault(row["label"], []).append(row)
+    candidates = []
+    for setting_rows in by_setting.values():
+        for steps in sorted({r["steps"] for r in setting_rows}):
+            if all(r["pass"] for r in setting_rows if r["steps"] >= steps):
+                first = [r for r in setting_rows if r["steps"] == steps]
+                worst = max(abs(r["spread"] - 1) for r in first)
+                candidates.append((max(r["nfe"] for r in first), worst, first[0]))
+                break
+    if not candidates:
+        return None
+    nfe, _, row = min(candidates, key=lambda c: (c[0], c[1]))
+    return {"scheduler": row["scheduler"], "steps": row["steps"], **row["options"], "nfe": nfe, "label": row["label"]}
+
+
+def cells(pair: dict) -> list[str]:
+    out = []
+    for schedule in SCHEDULES:
+        row = pair.get(schedule)
+        out.append("-" if row is None else row["error"] if "error" in row else
+                   f"{row['spread']:.3f} / {row['mode_tv']:.3f} / {row['swd']:.4f}")
+    return out
+
+
+def grouped(rows: list[dict], kinds: tuple[str, ...]) -> dict:
+    keyed: dict = {}
+    for row in rows:
+        if row["kind"] in kinds:
+            keyed.setdefault((row["kind"], row["label"], row["steps"]), {})[row["schedule"]] = row
+    return keyed
+
+
+def header(result: dict) -> list[str]:
+    lines = [f"Exact-score model: {result['model']}. {result['num_images']} samples per run, seed {result['seed']}, "
+             f"sigma_max {result['sigma_max']}; torch {result['torch']}, diffusers {result['diffusers']}, "
+             f"{result['seconds']:.0f} s. Regenerate with `make samplers-table`.", "",
+             "| schedule | ddpm-1000: spread / mode TV / SWD | true samples: mode TV / SWD (mean, largest of 20) "
+             "| bounds: \\|spread-1\\| / mode TV / SWD |", "|---|---|---|---|"]
+    for schedule in SCHEDULES:
+        base, truth, b = (result[k][schedule] for k in ("baseline", "truth", "bounds"))
+        lines.append(f"| {schedule} | {base['spread']:.3f} / {base['mode_tv']:.3f} / {base['swd']:.4f} "
+                     f"| {truth['mode_tv']['mean']:.3f}, {truth['mode_tv']['max']:.3f} / "
+                     f"{truth['swd']['mean']:.4f}, {truth['swd']['max']:.4f} "
+                     f"| <= {b['spread_dev']:.3f} / <= {b['mode_tv']:.3f} / <= {b['swd']:.4f} |")
+    return lines
+
+
+def repro_table(result: dict) -> list[str]:
+    lines = ["| setting | steps | linear before | linear after | cosine before | cosine after |",
+             "|---|---|---|---|---|---|"]
+    keyed = grouped(result["rows"], ("before", "after"))
+    for (kind, name, steps), pair in keyed.items():
+        if kind != "before":
+            continue
+        before, after = cells(pair), cells(keyed.get(("after", name, steps), {}))
+        lines.append(f"| {name} | {steps} | {before[0]} | {after[0]} | {before[1]} | {after[1]} |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The full table (benchmarks/results/samplers_table.md): every row, spread / mode TV / SWD per schedule."""
+    lines = header(result)
+    lines += ["", "Before (plain diffusers 0.42 on the full schedule) and after (ddpmkit), spread / mode TV / SWD:", ""]
+    lines += repro_table(result)
+    lines += ["", "Every setting (ddpmkit), spread / mode TV / SWD:", "",
+              "| setting | steps | NFE | linear | cosine | center error lin / cos | matches |",
+              "|---|---|---|---|---|---|---|"]
+    for (kind, name, steps), pair in grouped(result["rows"], ("grid", "auto")).items():
+        name = f"auto = {name}" if kind == "auto" else name
+        nfe = next((r["nfe"] for r in pair.values() if r.get("nfe")), "-")
+        centers = " / ".join(f"{pair[s]['center']:.4f}" if "center" in pair.get(s, {}) else "-" for s in SCHEDULES)
+        ok = "yes" if len(pair) == len(SCHEDULES) and all(r.get("pass") for r in pair.values()) else ""
+        lines.append(f"| {name} | {steps} | {nfe} | {' | '.join(cells(pair))} | {centers} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def compact(result: dict) -> str:
+    """For docs/samplers.md: the bounds, the before/after rows and spread per setting x steps."""
+    steps = sorted({r["steps"] for r in result["rows"] if r["kind"] == "grid" and r["scheduler"] != "ddpm"})
+    choice = result["choice"]
+    lines = header(result)
+    lines += ["", "Before / after, spread / mode TV / SWD:", ""] + repro_table(result)
+    lines += ["", "Spread ratio per setting and steps, linear / cosine (1.0 is right); **bold**: within all three "
+              "bounds on both schedules. "
+              + (f"Chosen default (`auto`): **{choice['label']}, {choice['steps']} steps** ({choice['nfe']} model "
+                 "calls)." if choice else "No setting matched."), "",
+              "| setting | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    table: dict = {}
+    for row in result["rows"]:
+        if row["kind"] == "grid" and row["scheduler"] != "ddpm":
+            table.setdefault(row["label"], {}).setdefault(row["steps"], {})[row["schedule"]] = row
+    for name, per_steps in table.items():
+        out = []
+        for s in steps:
+            pair = per_steps.get(s, {})
+            if len(pair) < len(SCHEDULES):
+                out.append("")
+                continue
+            text = " / ".join("err" if "error" in pair[k] else f"{pair[k]['spread']:.2f}" for k in SCHEDULES)
+            out.append(f"**{text}**" if all(r.get("pass") for r in pair.values()) else text)
+        lines.append(f"| {name} | " + " | ".join(out) + " |")
+    ddpm = [r for r in result["rows"] if r["kind"] == "grid" and r["scheduler"] == "ddpm"]
+    spreads = {s: " / ".join("%.2f" % r["spread"] for r in ddpm if r["steps"] == s)
+               for s in sorted({r["steps"] for r in ddpm})}
+    lines += ["", "ddpm at fewer steps, spread linear / cosine: "
+              + ", ".join(f"{s} steps {v}" for s, v in spreads.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else f"{DOC_START}\n{DOC_END}\n"
+    if DOC_START not in text:
+        text += f"\n{DOC_START}\n{DOC_END}\n"
+    pattern = re.compile(re.escape(DOC_START) + ".*?" + re.escape(DOC_END), re.S)
+    path.write_text(pattern.sub(lambda _: f"{DOC_START}\n{block}{DOC_END}", text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num_images", type=int, default=4000, help="samples per run (default: 4000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="steps 10 and 30 only, no before/after, no docs update")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the .json and .md")
+    parser.add_argument("--docs", default=str(ROOT / "docs" / "samplers.md"), help="docs page to update")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("samplers_table")
+    t_start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=len(SCHEDULES)) as pool:  # one process per schedule, one thread each
+        futures = {s: pool.submit(measure_schedule, s, args.num_images, args.seed, args.quick) for s in SCHEDULES}
+        parts = {s: f.result() for s, f in futures.items()}
+    result = {"model": "8 Gaussians in 3x8x8, std 0.1, weights 1:1:2:2:3:3:4:4 (ddpmkit.oracle.default_mixture)",
+              "num_images": args.num_images, "seed": args.seed, "sigma_max": SIGMA_MAX, "quick": args.quick,
+              "torch": torch.__version__, "diffusers": diffusers.__version__, "machine": platform.machine(),
+              "spread_slack": SPREAD_SLACK, "auto_now": AUTO_CHOICE,
+              **{key: {s: parts[s][key] for s in SCHEDULES} for key in ("baseline", "truth", "bounds")},
+              "rows": [row for s in SCHEDULES for row in parts[s]["rows"]]}
+    result["choice"] = choose(result["rows"])
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "samplers_table_quick" if args.quick else "samplers_table"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+    if not args.quick:
+        update_docs(Path(args.docs), compact(result))
+    log.info("measured choice: %s; AUTO_CHOICE in ddpmkit: %s; %.0f s", result["choice"], AUTO_CHOICE,
+             result["seconds"])
+    if not args.quick and result["choice"] and {k: v for k, v in result["choice"].items()
+                                               if k not in ("nfe", "label")} != AUTO_CHOICE:
+        log.warning("the measured choice differs from schedulers.AUTO_CHOICE: update it (and docs/samplers.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
