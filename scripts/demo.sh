@@ -26,11 +26,11 @@ ddpmkit sample --model "$OUT/emoji32" --scheduler ddim --steps 40 --num_images 1
 ddpmkit sample --model "$OUT/emoji32" --compare ddim:10,ddim:40,dpm++:10,dpm++:20 --num_images 8 --seed 0 \
   --out "$OUT/compare_schedulers.png"
 
-stamp "Unit 2: fine-tune the demo model on one category (Food & Drink, $FT_STEPS steps)"
-ddpmkit finetune --start_model "$OUT/emoji32" --dataset "emoji:food-drink" --image_size 32 --batch_size 32 \
+stamp "Unit 2: fine-tune the demo model on one category (Smileys & Emotion, $FT_STEPS steps)"
+ddpmkit finetune --start_model "$OUT/emoji32" --dataset "emoji:smileys-emotion" --image_size 32 --batch_size 32 \
   --max_steps "$FT_STEPS" --lr 1e-4 --cache_dir "$OUT/.cache" --output_dir "$OUT/finetune" \
-  --model_save_name emoji32-food --save_model_every 1000
-ddpmkit sample --model "$OUT/finetune/emoji32-food" --scheduler ddim --steps 40 --num_images 16 --seed 0 \
+  --model_save_name emoji32-smileys --save_model_every 1000
+ddpmkit sample --model "$OUT/finetune/emoji32-smileys" --scheduler ddim --steps 40 --num_images 16 --seed 0 \
   --out "$OUT/samples_finetuned_ddim.png"
 
 stamp "Unit 2: colour guidance on the demo model (the course's #BB2266 and #44CCAA), DDIM 40 steps"

@@ -28,14 +28,6 @@ UNET = dict(  # no attention: the fastest UNet that learns "colour follows the l
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and a contended second thread slows them 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def two_class_toy(n: int = 64, size: int = 8, seed: int = 0) -> ImageData:
     """Even indices: a red square; odd: a blue disc; random size and position on a dark background."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import MICRO_UNET, save_plain_pipeline, write_images
 from PIL import Image
 
@@ -32,13 +31,6 @@ def ddpmkit_cmd(*args, cwd=None, module: bool = False) -> subprocess.CompletedPr
     head = [sys.executable, "-m", "ddpmkit"] if module else [str(BIN / "ddpmkit")]
     return subprocess.run([*head, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

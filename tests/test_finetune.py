@@ -28,14 +28,6 @@ COURSE_COMMAND = [
 STEPS, SAVE_EVERY, SAMPLES_EVERY = 24, 8, 12  # 8 images in batches of 4: 2 steps per epoch, 12 epochs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and many times faster when other processes share the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_uniform_images(folder: Path, n: int = 8, size: int = 16) -> Path:
     """n images of one flat colour each, shades of orange: data the random 'pretrained' model has never seen."""

@@ -25,14 +25,6 @@ TARGET = (0.1, 0.9, 0.5)  # the course's colour
 TARGET_PM1 = torch.tensor(TARGET) * 2 - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and a contended second thread slows them 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class GaussianDenoiser(torch.nn.Module):
     """Exact eps_hat = E[eps | x_t] for data x0 ~ N(mu, std^2 I): a differentiable analytic UNet stand-in."""

@@ -21,14 +21,6 @@ from ddpmkit.models import load_pipeline
 from ddpmkit.sampling import sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and many times faster when other processes share the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def empty_hub_cache(tmp_path, monkeypatch):

@@ -14,14 +14,6 @@ from ddpmkit.sampling import predicted_x0
 from ddpmkit.schedulers import make_scheduler
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny UNets gain nothing from two, and spinning threads stall on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):

@@ -22,15 +22,6 @@ train_module = importlib.import_module("ddpmkit.trainer")
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: a ~20k-parameter UNet gains nothing from two, and two threads spinning on a
-    shared 2-core machine make every tiny op wait (measured: 10x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _data(n: int = 8, size: int = 8, seed: int = 0) -> ImageData:
     g = torch.Generator().manual_seed(seed)
@@ -167,7 +158,6 @@ def test_grad_accumulation_gives_the_full_batch_gradient(tmp_path, monkeypatch):
     noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     timesteps = torch.tensor([10, 300, 650, 990])
     data = _data(4)
-    grads = {}
 
     def run(name: str, batch_size: int, accumulation: int) -> list[torch.Tensor]:
         seen = []

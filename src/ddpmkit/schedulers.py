@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
-import diffusers
 import numpy as np
 import torch
 
@@ -88,6 +87,8 @@ def _scheduler_class(name: str):
     if name not in REGISTRY:
         raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(REGISTRY)} (see 'ddpmkit schedulers')")
     try:
+        import diffusers
+
         cls = getattr(diffusers, REGISTRY[name].class_name)
         inspect.signature(cls.__init__)  # diffusers' dummy object raises here when a backend is missing
         if name == "dpm++sde":
@@ -105,7 +106,9 @@ def default_steps(name: str) -> int:
 
 def _betas(config: dict) -> torch.Tensor:
     """The training betas of a scheduler config (any beta_schedule, trained_betas, zero-SNR rescaling)."""
-    return diffusers.DDPMScheduler.from_config(config).betas
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config).betas
 
 
 def _truncated(config: dict, keep: int) -> dict:
