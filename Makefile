@@ -28,7 +28,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/guidance_cost.py
+	$(BIN)/python benchmarks/samplers_table.py
 
 samplers-table: $(STAMP)
 	$(BIN)/python benchmarks/samplers_table.py

@@ -15,14 +15,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models: threads only add overhead, and CI shares 2 cores
 
-MICRO_UNET = dict(  # ~20k parameters: a full 1000-step loop takes a few seconds on CPU
-    layers_per_block=1,
-    block_out_channels=(8, 16),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=4,
-    attention_head_dim=8,
-)
+from ddpmkit.models import PRESETS  # noqa: E402  (after the environment: huggingface_hub reads it on import)
+
+MICRO_UNET = dict(PRESETS["micro"])  # ~20k parameters: a full 1000-step loop takes a few seconds on CPU
 
 
 def make_micro_unet(sample_size: int = 8, channels: int = 3, seed: int = 0, **extra):
