@@ -36,7 +36,7 @@ ddpmkit sample --model "$OUT/finetune/emoji32-smileys" --scheduler ddim --steps 
 stamp "Unit 2: colour guidance on the demo model (the course's #BB2266 and #44CCAA), DDIM 40 steps"
 for c in BB2266 44CCAA; do
   ddpmkit sample --model "$OUT/emoji32" --scheduler ddim --steps 40 --num_images 8 --seed 0 \
-    --guide "color:#$c:30" --out "$OUT/guided_$c.png"
+    --guide "color:#$c:5" --out "$OUT/guided_$c.png"
 done
 
 stamp "done in $(( $(date +%s) - start ))s: see $OUT/"

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+def bars_enabled(wanted: bool = True) -> bool:
+    """Progress bars on unless unwanted or silenced with tqdm's own TQDM_DISABLE=1 (what `ddpmkit -q` sets)."""
+    return wanted and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

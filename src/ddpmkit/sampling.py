@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpmkit.errors import UserError
+from ddpmkit.images import bars_enabled
 from ddpmkit.schedulers import AUTO, SIGMA_MAX, default_steps, make_scheduler, resolve_auto, set_timesteps, step_kwargs
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def denoise(unet, scheduler, x: torch.Tensor, generator: torch.Generator | None 
     def predict(sample: torch.Tensor, t) -> torch.Tensor:
         return predict_raw(scheduler.scale_model_input(sample, t), t)
 
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
+    for i, t in enumerate(tqdm(timesteps, disable=not bars_enabled(progress), desc="sampling", leave=False)):
         loss = None
         if guidance is not None:
             with torch.enable_grad():

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ddpmkit.config import TrainConfig, make_config
 from ddpmkit.data import ImageData, load_image_data, make_dataloader
 from ddpmkit.errors import UserError
-from ddpmkit.images import plot_loss_curve, save_grid
+from ddpmkit.images import bars_enabled, plot_loss_curve, save_grid
 from ddpmkit.models import build_unet, check_image_size, load_pipeline, new_noise_scheduler, unet_config_for
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class Trainer:
         logger.info("training for %d optimizer steps (%d micro-batches of %d per epoch, %d process(es), lr %.1e)",
                     self.total_steps, len(loader), c.batch_size, acc.num_processes, lr)
 
-        bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not acc.is_local_main_process,
+        bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not bars_enabled(acc.is_local_main_process),
                    desc="training", dynamic_ncols=True)
         started, images_seen, micro_losses = time.perf_counter(), 0, []
         epoch = 0
