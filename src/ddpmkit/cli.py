@@ -306,7 +306,7 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it for every bar it creates
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch; images.bars_enabled honours it for ddpmkit's bars
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"ddpmkit: error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # the user's file system: permission denied, disk full, read-only folder
+        print(f"ddpmkit: error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("ddpmkit: interrupted", file=sys.stderr)
         return 130

@@ -232,7 +232,8 @@ class Trainer:
         if self.unet_config.num_class_embeds:
             labels = batch["labels"].clone()
             drop = torch.rand(bs, device=labels.device) < self.config.cond_drop_prob
-            labels[drop] = self.unet_config.num_class_embeds - 1  # the null class, for classifier-free guidance
+            # the null class, for classifier-free guidance; also for images without a label (-1)
+            labels[drop | (labels < 0)] = self.unet_config.num_class_embeds - 1
             kwargs["class_labels"] = labels
         with self.accelerator.autocast():
             model_output = self.unet(noisy_images, timesteps, return_dict=False, **kwargs)[0]
