@@ -14,7 +14,7 @@ ddpmkit -q schedule --dataset emoji --image_size 32 --out "$OUT/schedule.png"
 
 stamp "Unit 1: train a tiny UNet2DModel from scratch on 4,009 emoji at 32x32 ($STEPS steps)"
 ddpmkit train --dataset emoji --image_size 32 --preset tiny --batch_size 64 --max_steps "$STEPS" \
-  --lr_scheduler cosine --lr_warmup_steps 20 --use_ema --cache_dir "$OUT/.cache" \
+  --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 50 --use_ema --cache_dir "$OUT/.cache" \
   --output_dir "$OUT/emoji32"
 
 stamp "Unit 1: DDPM sampling, 1000 steps, with the denoising trajectory"
