@@ -17,7 +17,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -385,9 +385,3 @@ def make_dataloader(data: ImageData, batch_size: int, random_flip: bool = True, 
         _Indexed(data), batch_size=min(batch_size, len(data)), shuffle=shuffle, generator=generator,
         collate_fn=collate_fn(random_flip, flip_generator), drop_last=drop_last,
     )
-
-
-def iter_images(data: ImageData, indices: Iterable[int] | None = None) -> Iterable[torch.Tensor]:
-    """Images as float tensors in [-1, 1], one at a time (for plots and strips)."""
-    for i in indices if indices is not None else range(len(data)):
-        yield data.images[i].float() / 127.5 - 1.0

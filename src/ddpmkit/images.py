@@ -1,4 +1,4 @@
-"""Images out: [-1, 1] tensors -> uint8 -> grids, trajectory strips, GIFs and plots (PNG)."""
+"""Images out: [-1, 1] tensors -> uint8 -> grids, trajectory strips and plots (PNG)."""
 from __future__ import annotations
 
 import math
@@ -90,14 +90,6 @@ def save_trajectory(trajectory: list[dict], path: str | Path, max_images: int = 
         rows.append(torch.stack([s["pred_original_sample"][n].clamp(-1, 1) for s in trajectory]))
         labels.append(f"x0 #{n}")
     return labelled_rows(rows, labels, path)
-
-
-def save_gif(frames: Sequence[torch.Tensor], path: str | Path, duration_ms: int = 80) -> Path:
-    """An animated GIF of grids, one frame per (B, C, H, W) tensor."""
-    images = [make_grid(f.clamp(-1, 1), scale=2).convert("RGB") for f in frames]
-    path = Path(path)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
-    return path
 
 
 def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str,

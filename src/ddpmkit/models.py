@@ -151,6 +151,3 @@ def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = 
         pipe.to(device)
     return pipe
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,7 +6,6 @@ scheduler, one batch and float32 it reproduces `DDPMPipeline.__call__` exactly f
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -238,6 +237,3 @@ def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | N
         raise UserError(f"class labels must be in 0..{num_classes - 1}")
     return labels
 
-
-def grid_rows(num_images: int) -> int:
-    return max(1, math.ceil(math.sqrt(num_images)))
