@@ -25,6 +25,7 @@ _EXPORTS = {
     "Trainer": "trainer", "train": "trainer",
     "Guide": "guidance", "LossGuidance": "guidance", "ColorLoss": "guidance", "ClipLoss": "guidance",
     "ImageLoss": "guidance", "CustomLoss": "guidance", "build_guidance": "guidance",
+    "evaluate": "evaluation", "EvalResult": "evaluation", "InceptionFeatures": "evaluation",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

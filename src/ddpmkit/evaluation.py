@@ -554,7 +554,80 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
     (two disjoint samples of the same data), which is then recorded for later runs at that count.
     """
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    _check_arguments(model_or_images, dataset, vs_dataset, num_images, split_fraction, kid_subsets, kid_subset_size)
+    extractor = features or InceptionFeatures(device=device)
+    identity = extractor.identity
+    cache, timings = FeatureCache(cache_dir), {}
+    settings: dict[str, Any] = {"features": identity, "kid": {"subsets": kid_subsets, "subset_size": kid_subset_size},
+                                "precision_recall_k": k, "ddpmkit_version": _version(),
+                                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    select = dict(split=split, image_column=image_column, label_column=label_column, data_cache_dir=data_cache_dir)
+
+    # 1. what is evaluated: a pipeline to sample, or images already made; the size both sides are compared at
+    pipe, model_name, generated = _open_subject(model_or_images, vs_dataset, image_size, num_images, device)
+    if generated is not None:
+        settings["images"] = generated.describe
+    image_size, channels = _size_and_channels(pipe, generated, image_size)
+
+    # 2. the reference: N dataset images by a seeded permutation (the first part of it for a floor)
+    t0 = time.perf_counter()
+    count = num_images or (len(generated) if generated is not None else DEFAULT_NUM_IMAGES)
+    reference = dataset_images(dataset, image_size, channels, count, split_fraction=split_fraction, part="a",
+                               **select)
+    count = min(count, len(reference)) if generated is None else len(generated)
+    timings["reference images"] = time.perf_counter() - t0
+
+    # 3. the other side: the rest of the split, another dataset, or samples of the model
+    t0 = time.perf_counter()
+    if vs_dataset is not None:
+        generated = dataset_images(vs_dataset, image_size, channels, count, split_fraction=split_fraction, part="b",
+                                   **select)
+        settings["vs_dataset"] = generated.describe
+        timings["second dataset"] = time.perf_counter() - t0
+    elif pipe is not None:
+        labels = _generated_labels(pipe, model_name, reference, per_class, class_label)
+        if class_label is not None:  # one class: compared with that class's images only
+            reference = _restrict_to_class(reference, labels[0], model_name)
+            count = min(count, len(reference))
+            labels = labels * count
+        generated, sample_settings = _sample_images(pipe, count, scheduler, steps, seed, batch_size, labels,
+                                                    cfg_scale, device, progress)
+        settings["model"] = {"name": model_name, "weights_sha256": weights_sha256(pipe.unet), **sample_settings}
+        timings["sampling"] = time.perf_counter() - t0
+    settings["reference"] = reference.describe
+
+    # 4. features (dataset sides from the cache when there), then every figure from the same features
+    t0 = time.perf_counter()
+    ref_features, settings["reference_cache"] = _features(reference, extractor, cache, progress, "features (reference)")
+    gen_features, _ = _features(generated, extractor, cache if vs_dataset is not None else None, progress, "features")
+    timings["features"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics = compute_metrics(ref_features, gen_features, kid_subsets, kid_subset_size, k)
+    per_class_figures = (_per_class(reference, ref_features, gen_features, kid_subsets, kid_subset_size)
+                         if per_class and pipe is not None else {})
+    timings["metrics"] = time.perf_counter() - t0
+
+    # 5. the floor: measured here (same source, disjoint parts), or known for this dataset, size and count
+    floors = Floors(cache_dir)
+    key = floor_key(dataset, image_size, channels, min(len(reference), len(generated)), split, identity)
+    known = None
+    if vs_dataset is not None and vs_dataset == dataset:
+        floors.put(key, {"fid": metrics.fid, "kid_mean": metrics.kid_mean, "kid_std": metrics.kid_std,
+                         "precision": metrics.precision, "recall": metrics.recall, "count": len(generated),
+                         "split_fraction": split_fraction, "measured": settings["date"]})
+        settings["is_floor"] = True
+    elif vs_dataset is None and class_label is None:  # a floor is of the whole dataset, not of one class
+        known = floors.get(key)
+        if known is None and floor:
+            known = _measure_floor(extractor, cache, floors, key, dataset, image_size, channels, len(reference),
+                                   select, kid_subsets, kid_subset_size, k, progress, settings["date"])
+    return EvalResult(metrics.fid, metrics.kid_mean, metrics.kid_std, metrics.precision, metrics.recall,
+                      len(generated), len(reference), time.perf_counter() - started, known, per_class_figures,
+                      settings, timings)
+
+
+def _check_arguments(model_or_images, dataset, vs_dataset, num_images, split_fraction, kid_subsets,
+                     kid_subset_size) -> None:
     if num_images is not None and num_images < 2:
         raise UserError(f"--num_images must be at least 2: FID needs a covariance (got {num_images})")
     if kid_subsets < 1 or kid_subset_size < 2:
@@ -567,122 +640,61 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
     if vs_dataset is not None and vs_dataset == dataset and split_fraction is None:
         raise UserError(f"--vs_dataset {vs_dataset} is the same as --dataset: add --split_fraction 0.5 to compare "
                         "two disjoint halves (the floor)")
-    extractor = features or InceptionFeatures(device=device)
-    identity = extractor.identity
-    cache = FeatureCache(cache_dir)
-    settings: dict[str, Any] = {"features": identity, "kid": {"subsets": kid_subsets, "subset_size": kid_subset_size},
-                                "precision_recall_k": k, "ddpmkit_version": _version(),
-                                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-    # --- the generated (or second) side, and the size both sides are compared at
-    pipe = None
-    model_name = None
-    generated: ImageSet | None = None
-    if vs_dataset is None and isinstance(model_or_images, (str, os.PathLike)):
+
+def _open_subject(model_or_images, vs_dataset, image_size, num_images, device):
+    """(pipeline, its name, None) for a model; (None, None, ImageSet) for a folder or a tensor of images."""
+    if vs_dataset is not None:
+        return None, None, None
+    if isinstance(model_or_images, (str, os.PathLike)):
         path = Path(str(model_or_images)).expanduser()
         if path.is_dir() and not _is_pipeline_folder(path):
             generated = folder_images(path, image_size, count=num_images)
-            image_size = generated.describe["image_size"]
-            settings["images"] = generated.describe
         else:
             from ddpmkit.models import load_pipeline
 
-            pipe, model_name = load_pipeline(str(model_or_images), device=device), str(model_or_images)
-    elif vs_dataset is None and torch.is_tensor(model_or_images):
-        generated = ImageSet(to_uint8_images(model_or_images), describe={"images": "tensor"})
-        image_size = image_size or int(generated.images.shape[-1])
-        settings["images"] = {"images": "tensor", "count": len(generated), "image_size": image_size}
-    elif vs_dataset is None:
+            return load_pipeline(str(model_or_images), device=device), str(model_or_images), None
+    elif torch.is_tensor(model_or_images):
+        images = to_uint8_images(model_or_images)
+        generated = ImageSet(images, describe={"images": "tensor", "count": images.shape[0],
+                                               "image_size": image_size or int(images.shape[-1])})
+    else:
         from ddpmkit.sampling import resolve_pipeline
 
         pipe = resolve_pipeline(model_or_images)
-        model_name = getattr(pipe.config, "_name_or_path", None) if hasattr(pipe, "config") else None
-    if generated is not None and len(generated) < 2:
+        return pipe, getattr(getattr(pipe, "config", None), "_name_or_path", None), None
+    if len(generated) < 2:
         raise UserError(f"FID needs at least 2 images on each side (got {len(generated)} to evaluate)")
+    return None, None, generated
+
+
+def _size_and_channels(pipe, generated: ImageSet | None, image_size: int | None) -> tuple[int, int]:
+    """The size both sides are loaded at: given, else the model's, else the images', else 32."""
     channels = 3
     if pipe is not None:
         size = pipe.unet.config.sample_size
         image_size = image_size or (size if isinstance(size, int) else size[0])
         channels = pipe.unet.config.in_channels
     elif generated is not None:
+        image_size = image_size or generated.describe.get("image_size")
         channels = generated.images.shape[1]
     image_size = image_size or 32
     if image_size < 2:
         raise UserError(f"--image_size must be at least 2 (got {image_size})")
+    return image_size, channels
 
-    # --- the reference side
-    count = num_images or (len(generated) if generated is not None else DEFAULT_NUM_IMAGES)
-    t0 = time.perf_counter()
-    reference = dataset_images(dataset, image_size, channels, count, split, split_fraction, "a",
-                               image_column=image_column, label_column=label_column, data_cache_dir=data_cache_dir)
-    count = min(count, len(reference)) if generated is None else len(generated)
-    timings["reference images"] = time.perf_counter() - t0
-    settings["reference"] = reference.describe
 
-    # --- sample, or load the second dataset
-    t0 = time.perf_counter()
-    if vs_dataset is not None:
-        generated = dataset_images(vs_dataset, image_size, channels, count, split, split_fraction, "b",
-                                   image_column=image_column, label_column=label_column, data_cache_dir=data_cache_dir)
-        settings["vs_dataset"] = generated.describe
-        timings["second dataset"] = time.perf_counter() - t0
-    elif pipe is not None:
-        labels = _generated_labels(pipe, model_name, reference, per_class, class_label)
-        if class_label is not None and reference.labels is not None:  # one class: compare with that class only
-            reference = _restrict_to_class(reference, labels[0], pipe, model_name)
-            count = min(count, len(reference))
-        if labels is not None and len(labels) == 1:
-            labels = labels * count
-        generated, sample_settings = _sample_images(pipe, count, scheduler, steps, seed, batch_size, labels,
-                                                    cfg_scale, device, progress)
-        settings["model"] = {"name": model_name, "weights_sha256": weights_sha256(pipe.unet), **sample_settings}
-        timings["sampling"] = time.perf_counter() - t0
-    if len(generated) < 2:
-        raise UserError("FID needs at least 2 images on each side")
-
-    # --- features (reference from the cache when it is there), then the metrics
-    t0 = time.perf_counter()
-    ref_features = cache.load(reference, identity)
-    if ref_features is None:
-        ref_features = extractor(reference.images, progress=progress, desc="features (reference)")
-        cache.save(reference, identity, ref_features)
-        settings["reference_cache"] = "computed"
-    else:
-        settings["reference_cache"] = "reused"
-    gen_cached = cache.load(generated, identity) if vs_dataset is not None else None
-    gen_features = gen_cached if gen_cached is not None else extractor(generated.images, progress=progress,
-                                                                        desc="features")
-    if vs_dataset is not None and gen_cached is None:
-        cache.save(generated, identity, gen_features)
-    timings["features"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = compute_metrics(ref_features, gen_features, kid_subsets, kid_subset_size, k)
-    per_class_figures = {}
-    if per_class and pipe is not None:
-        per_class_figures = _per_class(reference, ref_features, generated, gen_features, kid_subsets,
-                                       kid_subset_size)
-    timings["metrics"] = time.perf_counter() - t0
-
-    # --- the floor: measured here (same source, disjoint parts), or known from before
-    floors = Floors(cache_dir)
-    key = floor_key(dataset, image_size, channels, min(len(reference), len(generated)), split, identity)
-    known = None
-    if vs_dataset is not None and vs_dataset == dataset:
-        known = {"fid": metrics.fid, "kid_mean": metrics.kid_mean, "kid_std": metrics.kid_std,
-                 "precision": metrics.precision, "recall": metrics.recall, "count": len(generated),
-                 "split_fraction": split_fraction, "measured": settings["date"]}
-        floors.put(key, known)
-        settings["is_floor"] = True
-    elif vs_dataset is None and class_label is None:  # a floor is of the whole dataset, not of one class
-        known = floors.get(key)
-        if known is None and floor:
-            known = _measure_floor(extractor, cache, floors, key, dataset, image_size, channels, len(reference),
-                                   split, image_column, label_column, data_cache_dir, kid_subsets, kid_subset_size,
-                                   k, progress, settings["date"])
-    seconds = time.perf_counter() - started
-    return EvalResult(metrics.fid, metrics.kid_mean, metrics.kid_std, metrics.precision, metrics.recall,
-                      len(generated), len(reference), seconds, None if settings.get("is_floor") else known,
-                      per_class_figures, settings, timings)
+def _features(image_set: ImageSet, extractor, cache: FeatureCache | None, progress: bool,
+              desc: str) -> tuple[np.ndarray, str]:
+    """Features of one image set, from the cache when it holds them (then 'reused'), else extracted."""
+    if cache is not None:
+        cached = cache.load(image_set, extractor.identity)
+        if cached is not None:
+            return cached, "reused"
+    features = extractor(image_set.images, progress=progress, desc=desc)
+    if cache is not None:
+        cache.save(image_set, extractor.identity, features)
+    return features, "computed"
 
 
 def _version() -> str:
@@ -691,9 +703,12 @@ def _version() -> str:
     return __version__
 
 
-def _restrict_to_class(reference: ImageSet, model_label: int, pipe, model_name) -> ImageSet:
+def _restrict_to_class(reference: ImageSet, model_label: int, model_name) -> ImageSet:
     from ddpmkit.guidance import class_names
 
+    if reference.labels is None:
+        raise UserError(f"--class_label needs class labels in the dataset {reference.describe.get('dataset')} to "
+                        "compare with that class's images: give --label_column")
     names = class_names(model_name) if model_name else None
     data_names = reference.class_names or []
     wanted = model_label
@@ -736,15 +751,16 @@ def _sample_images(pipe, count: int, scheduler: str, steps: int | None, seed: in
     return ImageSet(to_uint8_images(out.images), label_tensor, None, {"generated": count}), settings
 
 
-def _per_class(reference: ImageSet, ref_features, generated: ImageSet, gen_features, kid_subsets,
-               kid_subset_size) -> dict[str, dict]:
-    """FID and KID of each class's generated images against that class's reference images."""
+def _per_class(reference: ImageSet, ref_features, gen_features, kid_subsets, kid_subset_size) -> dict[str, dict]:
+    """FID and KID of each class's generated images against that class's reference images.
+
+    The generated image i was sampled with the class of reference image i (`_generated_labels`), so one mask
+    selects a class on both sides."""
     out = {}
     names = reference.class_names or []
     for label in sorted(set(reference.labels.tolist())):
-        r = ref_features[(reference.labels == label).numpy()]
-        # generated labels are in the model's numbering; the reference's order maps one to one
-        g = gen_features[(reference.labels == label).numpy()] if generated.labels is not None else gen_features[:0]
+        mask = (reference.labels == label).numpy()
+        r, g = ref_features[mask], gen_features[mask]
         name = names[label] if label < len(names) else str(label)
         entry = {"num_generated": int(g.shape[0]), "num_reference": int(r.shape[0]), "fid": None,
                  "kid_mean": None, "kid_std": None}
@@ -755,25 +771,17 @@ def _per_class(reference: ImageSet, ref_features, generated: ImageSet, gen_featu
     return out
 
 
-def _measure_floor(extractor, cache, floors, key, dataset, image_size, channels, count, split, image_column,
-                   label_column, data_cache_dir, kid_subsets, kid_subset_size, k, progress, date) -> dict | None:
+def _measure_floor(extractor, cache, floors, key, dataset, image_size, channels, count, select, kid_subsets,
+                   kid_subset_size, k, progress, date) -> dict | None:
     """Two disjoint halves of the dataset at `count` images each: the best score any model can get there."""
-    a = dataset_images(dataset, image_size, channels, count, split, 0.5, "a", image_column=image_column,
-                       label_column=label_column, data_cache_dir=data_cache_dir)
-    b = dataset_images(dataset, image_size, channels, count, split, 0.5, "b", image_column=image_column,
-                       label_column=label_column, data_cache_dir=data_cache_dir)
+    a, b = (dataset_images(dataset, image_size, channels, count, split_fraction=0.5, part=part, **select)
+            for part in ("a", "b"))
     n = min(len(a), len(b))
     if n < count:
         logger.warning("the floor needs 2 x %d images; %s has %d per half: no floor at this count", count, dataset, n)
         return None
-    feats = []
-    for part in (a, b):
-        f = cache.load(part, extractor.identity)
-        if f is None:
-            f = extractor(part.images, progress=progress, desc="features (floor)")
-            cache.save(part, extractor.identity, f)
-        feats.append(f)
-    m = compute_metrics(feats[0], feats[1], kid_subsets, kid_subset_size, k)
+    (fa, _), (fb, _) = (_features(part, extractor, cache, progress, "features (floor)") for part in (a, b))
+    m = compute_metrics(fa, fb, kid_subsets, kid_subset_size, k)
     value = {"fid": m.fid, "kid_mean": m.kid_mean, "kid_std": m.kid_std, "precision": m.precision,
              "recall": m.recall, "count": n, "split_fraction": 0.5, "measured": date}
     floors.put(key, value)
