@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from ddpmkit.config import TrainConfig
+from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
 from ddpmkit.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -56,10 +56,6 @@ def config_from_args(cls, args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------- train / finetune
-FINETUNE_DEFAULTS = {"output_dir": "runs/finetune", "model_save_name": "finetuned", "image_size": 128,
-                     "batch_size": 8, "num_epochs": 2}
-
-
 def cmd_train(args) -> int:
     from ddpmkit.trainer import train
 

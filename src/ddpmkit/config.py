@@ -132,6 +132,11 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+# `ddpmkit finetune`: its own defaults where they differ from TrainConfig's (a small fine-tune that fits a CPU)
+FINETUNE_DEFAULTS = {"output_dir": "runs/finetune", "model_save_name": "finetuned", "image_size": 128,
+                     "batch_size": 8, "num_epochs": 2}
+
+
 def make_config(cls, overrides: dict) -> Any:
     """Build a config dataclass from keyword arguments, with a clear error for an unknown name."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -14,7 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ddpmkit.config import TrainConfig
+from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ def is_hub_id(name: str | None) -> bool:
 
 def training_command(config: TrainConfig | dict) -> str:
     """The `ddpmkit` command that reproduces this run: `finetune` when it started from a model, else `train`."""
-    from ddpmkit.cli import FINETUNE_DEFAULTS  # the finetune command's own defaults
-
     config = _as_config(config)
     finetune = bool(config.init_from)
     defaults = FINETUNE_DEFAULTS if finetune else {}
