@@ -85,8 +85,12 @@ def test_model_index_classes_are_never_imported(tmp_path, monkeypatch):
     (folder / "model_index.json").write_text(json.dumps(index))
     monkeypatch.chdir(folder)  # even with the folder importable from the working directory
     monkeypatch.syspath_prepend(str(folder))
-    pipe = load_pipeline(folder)
-    assert isinstance(pipe.unet, UNet2DModel) and not marker.exists()
+    with pytest.raises(UserError, match="ddpmkit supports unconditional pixel-space pipelines"):
+        load_pipeline(folder)  # refused from the JSON alone: nothing named in it is imported
+    assert not marker.exists()
+    index.update(_class_name="DDPMPipeline", unet=["diffusers", "UNet2DModel"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert isinstance(load_pipeline(folder).unet, UNet2DModel) and not marker.exists()
 
 
 def test_hub_id_offline_without_cache_is_one_line(empty_hub_cache, tmp_path, capsys):

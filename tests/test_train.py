@@ -231,6 +231,8 @@ def test_ema_weights_are_saved(tmp_path):
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_checkpoint_and_resume_latest_continues_at_the_right_step(tmp_path, monkeypatch):
+    """Resumed at step 2 of 4 (8 images in batches of 2: the checkpoint falls mid-epoch), the run ends with the
+    uninterrupted run's weights and losses, bit for bit."""
     config = _config(tmp_path, max_steps=4, checkpointing_steps=2, batch_size=2)
     first = Trainer(config, data=_data())
     first.run()
@@ -238,8 +240,9 @@ def test_checkpoint_and_resume_latest_continues_at_the_right_step(tmp_path, monk
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_0000002"]  # the last step is saved as the pipeline, not as a checkpoint
     checkpoint = run_dir / "checkpoints/step_0000002"
-    assert json.loads((checkpoint / "training_state.json").read_text()) == {"global_step": 2}
+    assert json.loads((checkpoint / "training_state.json").read_text()) == {"global_step": 2, "num_processes": 1}
     first_log = (run_dir / "loss.jsonl").read_text().splitlines()
+    uninterrupted = _weights(run_dir)
 
     resumed_weights = []
     original_run_step = Trainer.run_step
@@ -261,6 +264,11 @@ def test_checkpoint_and_resume_latest_continues_at_the_right_step(tmp_path, monk
     assert all(torch.equal(resumed_weights[0][k], checkpoint_weights[k]) for k in checkpoint_weights)
     log = (run_dir / "loss.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
-    assert log[:2] == first_log[:2]
+    def losses(lines):
+        return [(r["step"], r["loss"], r["epoch"]) for r in map(json.loads, lines)]
+
+    assert losses(log) == losses(first_log), "the resumed steps are the uninterrupted run's: same batches and noise"
+    resumed = _weights(run_dir)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), "bit for bit"
     assert json.loads((run_dir / "train_state.json").read_text())["global_step"] == 4
     assert json.loads((run_dir / "ddpmkit.json").read_text())["step"] == 4

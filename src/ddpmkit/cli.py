@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
-from ddpmkit.errors import UserError
+from ddpmkit.errors import Interrupted, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -128,6 +128,14 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                         "0 unconditional, 2-5 sharper classes (default: 1)")
 
 
+def _at_least(args: argparse.Namespace, low: int, *names: str) -> None:
+    """Each named option, when given, is at least `low` (0 is not read as 'not given')."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name} must be at least {low} (got {value})")
+
+
 def _check_out(out: str) -> Path:
     path = Path(out)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -166,8 +174,8 @@ def cmd_sample(args) -> int:
 
     log = logging.getLogger("ddpmkit")
     out = _check_out(args.out)
-    if args.trajectory < 0:
-        raise UserError(f"--trajectory must be 0 or more (got {args.trajectory})")
+    _at_least(args, 1, "steps", "num_images", "batch_size", "scale", "guidance_every", "n_cuts")
+    _at_least(args, 0, "trajectory")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible: use --device cpu")
     guidance = build_guidance(args.guide, args.loss, args.guidance_method, args.guidance_every,
@@ -334,6 +342,7 @@ def cmd_schedulers(args) -> int:
 def cmd_schedule(args) -> int:
     from ddpmkit.plots import plot_schedule
 
+    _at_least(args, 1, "image_size")
     paths = plot_schedule(model=args.model, beta_schedule=args.beta_schedule, dataset=args.dataset,
                           image_size=args.image_size, out=_check_out(args.out), seed=args.seed)
     for path in paths:
@@ -401,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as err:
         print(f"ddpmkit: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except Interrupted as err:  # SIGINT / SIGTERM: a checkpoint was saved; the message says how to resume
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ddpmkit: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as err:  # the user's file system: permission denied, disk full, read-only folder
         print(f"ddpmkit: error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)

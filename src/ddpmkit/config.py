@@ -49,6 +49,8 @@ class TrainConfig:
     channels: int = opt(3, "3 for RGB, 1 for grayscale", choices=(1, 3))
     random_flip: bool = opt(True, "random horizontal flip, per sample and per batch (the course's RandomHorizontalFlip)")
     cache_dir: str | None = opt(None, "keep the decoded, resized uint8 images on disk here, so the next run skips decoding")
+    cache_max_gb: float | None = opt(None, "most memory the decoded images may take; beyond it they are decoded from "
+                                     "the source for every batch (default: half the available memory)")
     max_images: int | None = opt(None, "use at most this many images (handy for quick tries)")
     class_column: str | None = opt(None, "train a class-conditioned model on this label column ('label' for the "
                                    "emoji categories; sub-folder names for an image folder)")
@@ -78,6 +80,8 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 turns it off)")
     use_ema: bool = opt(False, "keep an exponential moving average of the weights; the saved pipeline holds the EMA weights")
     ema_max_decay: float = opt(0.9999, "largest EMA decay; it warms up from 0 as in diffusers' train_unconditional.py")
+    skip_nonfinite: int = opt(0, "skip up to this many steps whose loss is NaN or infinite (no update) instead of "
+                              "stopping at the first; costs one read of the loss before each update")
     mixed_precision: str = opt("no", "no, bf16 or fp16 (fp16 needs a GPU)", choices=MIXED_PRECISION)
     device: str = opt("auto", "auto (GPU when there is one), cpu or cuda; several GPUs: use accelerate launch / torchrun",
                       choices=("auto", "cpu", "cuda"))
@@ -89,7 +93,8 @@ class TrainConfig:
     save_model_every: int = opt(0, "save a loadable pipeline every N steps at {pipeline dir}/step_N (0: off)")
     checkpointing_steps: int = opt(0, "save the full training state every N steps to output_dir/checkpoints (0: off)")
     checkpoints_total_limit: int = opt(2, "keep only this many newest training-state checkpoints")
-    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder: continue a run that stopped")
+    resume_from_checkpoint: str | None = opt(None, "'latest' (the newest complete checkpoint; none yet: start a new "
+                                             "run) or a checkpoint folder: continue a run that stopped, exactly")
     num_sample_images: int = opt(16, "images in each logged sample grid")
     sample_scheduler: str = opt("ddim", "scheduler for the logged sample grids")
     sample_steps: int = opt(40, "steps for the logged sample grids (DDIM 40, as in the course's fine-tuning script)")
@@ -101,7 +106,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise UserError with what to do."""
         positive = ("image_size", "batch_size", "grad_accumulation_steps", "num_train_timesteps", "num_sample_images",
-                    "sample_steps")
+                    "sample_steps", "checkpoints_total_limit")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
@@ -109,11 +114,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be at least 1 (got {value})")
-        for name in ("log_samples_every", "save_model_every", "checkpointing_steps", "lr_warmup_steps"):
+        for name in ("log_samples_every", "save_model_every", "checkpointing_steps", "lr_warmup_steps", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be 0 or more (got {getattr(self, name)})")
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
+        if self.cache_max_gb is not None and not self.cache_max_gb > 0:
+            raise UserError(f"--cache_max_gb must be a positive number of gigabytes (got {self.cache_max_gb})")
+        if self.max_grad_norm < 0:
+            raise UserError(f"--max_grad_norm must be 0 (off) or more (got {self.max_grad_norm})")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)

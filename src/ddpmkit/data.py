@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddpmkit.errors import UserError
 
@@ -46,11 +48,43 @@ class ImageData:
 
 
 # --------------------------------------------------------------------------- decoding
+class ImageRefused(ValueError):
+    """An image ddpmkit will not decode (too many pixels: a decompression bomb)."""
+
+
+_OPEN_LOCK = threading.Lock()  # Image.open warns about large images through the (process-global) warnings filters
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _open(data: bytes | str | Path) -> Image.Image:
+    """Image.open, refusing an image over Pillow's MAX_IMAGE_PIXELS before anything is decoded."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        except Image.DecompressionBombError as err:
+            raise ImageRefused(f"too many pixels ({err})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        image.close()
+        raise ImageRefused(f"too many pixels ({image.width}x{image.height}, over Pillow's limit of {limit})")
+    return image
+
+
 def decode_image(data: bytes | str | Path | Image.Image, image_size: int, channels: int = 3) -> np.ndarray:
-    """One image -> uint8 array (C, H, W): transparency composited on white, resized like torchvision's Resize."""
-    image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    """One image -> uint8 array (C, H, W), resized like torchvision's Resize.
+
+    First frame of an animation; EXIF orientation applied; transparency composited on white; 16-bit
+    grayscale scaled to 8 bits (65535 -> 255); CMYK, palette and grayscale converted to RGB.
+    """
+    image = data if isinstance(data, Image.Image) else _open(data)
     image.load()
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:  # Pillow would clip to 255 instead of scaling
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
@@ -61,32 +95,172 @@ def decode_image(data: bytes | str | Path | Image.Image, image_size: int, channe
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def _decode_all(items: list, image_size: int, channels: int, what: str) -> tuple[list[np.ndarray | None], int]:
-    """Decode many images on a few threads; a file that fails to decode becomes None and is counted."""
+ORIENTATION_TAG = 0x0112
 
-    def one(item):
+
+def _why_bad(err: Exception, item) -> str:
+    if isinstance(err, ImageRefused):
+        return str(err)
+    if isinstance(err, UnidentifiedImageError):
+        if isinstance(item, (str, Path)) and Path(item).is_file() and Path(item).stat().st_size == 0:
+            return "empty file"
+        return "not an image"
+    return f"truncated or corrupt ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+
+
+def _item_name(item, index: int) -> str:
+    return str(item) if isinstance(item, (str, Path)) else f"item {index}"
+
+
+class ItemSource:
+    """The raw items of a dataset (paths, bytes or PIL images), fetched by index without decoding.
+
+    A list of items, or one column of a `datasets.Dataset` read row by row (its Arrow file stays on disk).
+    """
+
+    def __init__(self, items: list | None = None, dataset=None, column: str | None = None):
+        self.items, self.dataset, self.column = items, dataset, column
+
+    def __len__(self) -> int:
+        return len(self.items) if self.items is not None else len(self.dataset)
+
+    def fetch(self, indices: list[int]) -> list:
+        if self.items is not None:
+            return [self.items[i] for i in indices]
+        values = self.dataset[list(map(int, indices))][self.column]
+        return [v.get("bytes") or v.get("path") if isinstance(v, dict) else v for v in values]
+
+
+def _decode_into(source: ItemSource, indices: list[int], image_size: int, channels: int,
+                 out: torch.Tensor | None, pool: ThreadPoolExecutor) -> list[tuple[int, str, str]]:
+    """Decode source[indices] into out[k] (or only check them when out is None); returns the bad (index, name, why)."""
+    bad = []
+    chunk = 512  # raw items held at once: a Hub dataset's encoded images need not fit in memory all together
+
+    def one(args):
+        k, item = args
         try:
-            return decode_image(item, image_size, channels)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return None
+            array = decode_image(item, image_size, channels)
+        except (UnidentifiedImageError, ImageRefused, OSError, ValueError, SyntaxError, EOFError) as err:
+            return k, _why_bad(err, item)
+        if out is not None:
+            out[k] = torch.from_numpy(array)
+        return k, None
 
-    workers = min(8, (os.cpu_count() or 1) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(one, items))
-    skipped = sum(a is None for a in arrays)
-    if 0 < skipped < len(items):  # none readable: _stack's error says it, on one line
-        logger.warning("skipped %d of %d images from %s that could not be decoded", skipped, len(items), what)
-    return arrays, skipped
+    for start in range(0, len(indices), chunk):
+        part = indices[start:start + chunk]
+        items = source.fetch(part)
+        for k, why in pool.map(one, zip(range(start, start + len(part)), items)):
+            if why is not None:
+                bad.append((indices[k], _item_name(items[k - start], indices[k]), why))
+    return bad
 
 
-def _stack(arrays: list, labels: list | None, class_names, source: str, skipped: int) -> ImageData:
-    keep = [i for i, a in enumerate(arrays) if a is not None]
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2))
+
+
+def _report_skipped(bad: list[tuple[int, str, str]], total: int, what: str) -> None:
+    """One summary line: how many images were skipped and the first few, with the reason."""
+    if not bad or len(bad) == total:  # none readable: _stack's error says it, on one line
+        return
+    first = "; ".join(f"{name} ({why})" for _, name, why in bad[:3])
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    logger.warning("skipped %d of %d images from %s that could not be used: %s%s", len(bad), total, what, first, more)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give without swapping (MemAvailable), or None when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_cache_max_gb() -> float | None:
+    """Half of the available memory, shared by the processes of this machine (None: no cap)."""
+    free = available_memory_bytes()
+    if free is None:
+        return None
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return free * CACHE_MEMORY_SHARE / per_machine / 1e9
+
+
+CACHE_MEMORY_SHARE = 0.5  # of the available memory: the model, the optimizer and the OS need the rest
+
+
+class DiskImages:
+    """uint8 images (N, C, H, W) decoded from their source at every access: the uint8 cache beyond --cache_max_gb.
+
+    Indexing (an int, a slice, or a tensor of indices) returns what the in-memory tensor would.
+    """
+
+    def __init__(self, source: ItemSource, keep: list[int], image_size: int, channels: int):
+        self.source, self.keep, self.image_size, self.channels = source, keep, image_size, channels
+        self._pool = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.keep), self.channels, self.image_size, self.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int):
+            return self[torch.tensor([index])][0]
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        positions = torch.as_tensor(index).cpu().flatten().tolist()
+        out = torch.empty((len(positions), self.channels, self.image_size, self.image_size), dtype=torch.uint8)
+        self._pool = self._pool or _pool()
+        bad = _decode_into(self.source, [self.keep[p] for p in positions], self.image_size, self.channels, out,
+                           self._pool)
+        if bad:  # the file changed since it was first read
+            raise UserError(f"{bad[0][1]} can no longer be read ({bad[0][2]}): restore it, or restart the run")
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pool": None}
+
+
+def read_images(items: ItemSource, image_size: int, channels: int, labels: list | None = None,
+                class_names: list[str] | None = None, source: str = "", max_bytes: float | None = None) -> ImageData:
+    """Decode every item once (on a few threads) into the uint8 cache; a file that cannot be used is skipped.
+
+    Beyond `max_bytes` the decoded images are not kept: they are decoded again from `items` when a batch needs them.
+    """
+    n = len(items)
+    lazy = max_bytes is not None and n * channels * image_size * image_size > max_bytes
+    images = None if lazy else torch.empty((n, channels, image_size, image_size), dtype=torch.uint8)
+    with _pool() as pool:
+        bad = _decode_into(items, list(range(n)), image_size, channels, images, pool)
+    bad_indices = {i for i, _, _ in bad}
+    keep = [i for i in range(n) if i not in bad_indices]
     if not keep:
-        raise UserError(f"no readable image in {source} ({skipped} of {len(arrays)} could not be decoded): "
+        first = f"; first: {bad[0][1]} ({bad[0][2]})" if bad else ""
+        raise UserError(f"no readable image in {source} ({len(bad)} of {n} could not be decoded{first}): "
                         "point --dataset at images (jpg, png, webp, bmp, gif, tiff)")
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep]))
+    _report_skipped(bad, n, source)
     label_tensor = torch.tensor([labels[i] for i in keep], dtype=torch.long) if labels is not None else None
-    return ImageData(images, label_tensor, class_names, source, skipped)
+    if lazy:
+        logger.warning("%d decoded images would take %.2f GB, over --cache_max_gb %.3g: decoding them from the "
+                       "source for every batch instead (slower; raise --cache_max_gb if memory allows)",
+                       len(keep), len(keep) * channels * image_size**2 / 1e9, max_bytes / 1e9)
+        return ImageData(DiskImages(items, keep, image_size, channels), label_tensor, class_names, source, len(bad))
+    if bad:
+        images = images[keep]
+    return ImageData(images, label_tensor, class_names, source, len(bad))
 
 
 # --------------------------------------------------------------------------- sources
@@ -154,7 +328,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def load_fashion_mnist(image_size: int, channels: int, split: str = "train", max_images: int | None = None,
-                       folder: Path = FASHION_MNIST_DIR) -> ImageData:
+                       folder: Path = FASHION_MNIST_DIR, max_bytes: float | None = None) -> ImageData:
     """Fashion-MNIST (28x28 grayscale, 10 labelled classes): Debian's IDX files when installed, else the Hub."""
     if split not in ("train", "test"):
         raise UserError(f"fashion_mnist has the splits train and test, not {split!r}")
@@ -166,12 +340,12 @@ def load_fashion_mnist(image_size: int, channels: int, split: str = "train", max
     if images_file is None or labels_file is None:
         logger.info("no Fashion-MNIST in %s (apt-get install dataset-fashion-mnist): loading %s from the Hub",
                     folder, FASHION_MNIST_HUB)
-        data = _load_uncached(FASHION_MNIST_HUB, image_size, channels, "image", "label", split, max_images)
+        data = _load_uncached(FASHION_MNIST_HUB, image_size, channels, "image", "label", split, max_images, max_bytes)
         return ImageData(data.images, data.labels, list(FASHION_MNIST_CLASSES), "fashion_mnist", data.skipped)
     images, labels = read_idx(images_file)[:max_images], read_idx(labels_file)[:max_images]
     pils = [Image.fromarray(a) for a in images]
-    arrays, skipped = _decode_all(pils, image_size, channels, str(images_file))
-    return _stack(arrays, labels.astype(np.int64).tolist(), list(FASHION_MNIST_CLASSES), "fashion_mnist", skipped)
+    return read_images(ItemSource(pils), image_size, channels, labels.astype(np.int64).tolist(),
+                       list(FASHION_MNIST_CLASSES), "fashion_mnist", max_bytes)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -233,18 +407,13 @@ def find_image_column(features, requested: str | None) -> str:
     raise UserError(f"cannot tell which column holds the images ({', '.join(features)}): name it with --image_column")
 
 
-def _hf_items(ds, column: str) -> list:
-    """Raw image payloads (bytes, paths or PIL images) of a column, decoded later by our own code."""
+def _hf_items(ds, column: str) -> ItemSource:
+    """Raw image payloads (bytes, paths or PIL images) of a column, fetched row by row and decoded by our own code."""
     import datasets
 
     if isinstance(ds.features[column], datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
-    items = []
-    for value in ds[column]:
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        items.append(value)
-    return items
+    return ItemSource(dataset=ds, column=column)
 
 
 def _labels(ds, label_column: str | None) -> tuple[list[int] | None, list[str] | None]:
@@ -282,25 +451,32 @@ def load_image_data(
     split: str = "train",
     cache_dir: str | None = None,
     max_images: int | None = None,
+    cache_max_gb: float | None = None,
 ) -> ImageData:
     """Read every image of `source` once, resized to (image_size, image_size), as uint8.
 
-    `emoji` and `emoji:CATEGORY` are the built-in Twemoji set (labels: its categories).
+    `emoji` and `emoji:CATEGORY` are the built-in Twemoji set (labels: its categories). The decoded images stay
+    in memory up to `cache_max_gb` (default: half the available memory); beyond it they are decoded from the
+    source for every batch (`ImageData.images` is then a `DiskImages`).
     """
     if not source:
         raise UserError("--dataset is empty: give 'emoji', an image folder, a dataset file or a Hub id")
+    if cache_max_gb is not None and not cache_max_gb > 0:
+        raise UserError(f"--cache_max_gb must be a positive number of gigabytes (got {cache_max_gb})")
+    max_gb = cache_max_gb if cache_max_gb is not None else default_cache_max_gb()
+    max_bytes = max_gb * 1e9 if max_gb is not None else None
     cache_file = None
     if cache_dir:
         key = _cache_key(source, image_size, channels, column=image_column, label=label_column, split=split,
                          max_images=max_images)
         cache_file = Path(cache_dir) / f"images-{key}.pt"
-        if cache_file.exists():
+        if cache_file.exists() and (max_bytes is None or cache_file.stat().st_size <= max_bytes):
             blob = torch.load(cache_file, weights_only=True)
             logger.info("read %d cached images from %s", blob["images"].shape[0], cache_file)
             return ImageData(blob["images"], blob.get("labels"), blob.get("class_names"), source, int(blob["skipped"]))
 
-    data = _load_uncached(source, image_size, channels, image_column, label_column, split, max_images)
-    if cache_file is not None:
+    data = _load_uncached(source, image_size, channels, image_column, label_column, split, max_images, max_bytes)
+    if cache_file is not None and isinstance(data.images, torch.Tensor):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
         torch.save({"images": data.images, "labels": data.labels, "class_names": data.class_names,
@@ -309,23 +485,31 @@ def load_image_data(
     return data
 
 
-def _load_uncached(source, image_size, channels, image_column, label_column, split, max_images) -> ImageData:
+def _no_columns(source: str, image_column: str | None, kind: str) -> None:
+    if image_column:
+        raise UserError(f"--image_column {image_column} has no effect: {source} is {kind}, which has no columns; "
+                        "drop --image_column (it applies to Hub, parquet and save_to_disk datasets)")
+
+
+def _load_uncached(source, image_size, channels, image_column, label_column, split, max_images,
+                   max_bytes=None) -> ImageData:
     path = Path(source).expanduser()
     if source == "emoji" or source.startswith("emoji:"):
+        _no_columns(source, image_column, "the built-in emoji set")
         category = source.split(":", 1)[1] if ":" in source else None
         files, labels, class_names = load_emoji(image_size, channels, category)
         files, labels = files[:max_images], labels[:max_images]
-        arrays, skipped = _decode_all(files, image_size, channels, "the emoji set")
-        return _stack(arrays, labels, class_names, source, skipped)
+        return read_images(ItemSource(files), image_size, channels, labels, class_names, source, max_bytes)
     if source in ("fashion_mnist", "fashion-mnist"):
-        return load_fashion_mnist(image_size, channels, split, max_images)
+        _no_columns(source, image_column, "a built-in dataset")
+        return load_fashion_mnist(image_size, channels, split, max_images, max_bytes=max_bytes)
     if path.is_dir() and not _is_saved_dataset(path):
         files = _image_files(path)
         if files:
+            _no_columns(source, image_column, "an image folder")
             files = files[:max_images]
             labels, class_names = _folder_labels(path, files) if label_column else (None, None)
-            arrays, skipped = _decode_all(files, image_size, channels, str(path))
-            return _stack(arrays, labels, class_names, source, skipped)
+            return read_images(ItemSource(files), image_size, channels, labels, class_names, source, max_bytes)
         if not any(path.rglob("*.parquet")):
             raise UserError(f"no images in folder {source}: it needs jpg, jpeg, png, webp, bmp, gif or tiff files")
     elif not path.exists() and (os.sep in source and not re.fullmatch(r"[\w.-]+/[\w.-]+", source)
@@ -338,8 +522,7 @@ def _load_uncached(source, image_size, channels, image_column, label_column, spl
         raise UserError(f"dataset {source} is empty")
     column = find_image_column(ds.features, image_column)
     labels, class_names = _labels(ds, label_column)
-    arrays, skipped = _decode_all(_hf_items(ds, column), image_size, channels, source)
-    return _stack(arrays, labels, class_names, source, skipped)
+    return read_images(_hf_items(ds, column), image_size, channels, labels, class_names, source, max_bytes)
 
 
 def _folder_labels(root: Path, files: list[Path]) -> tuple[list[int], list[str]]:
@@ -350,6 +533,92 @@ def _folder_labels(root: Path, files: list[Path]) -> tuple[list[int], list[str]]
 
 
 # --------------------------------------------------------------------------- batches
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] (the course's ToTensor + Normalize([0.5], [0.5]); 0 -> -1, 255 -> 1 exactly)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def derive_seed(*keys: int) -> int:
+    """An independent 63-bit seed for each tuple of keys (numpy's SeedSequence), e.g. (seed, rank, stream)."""
+    return int(np.random.SeedSequence([k % 2**64 for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ShuffledBatches:
+    """Training batches from the uint8 cache: a seeded permutation per epoch, this process's shard of it, and
+    the flip and the scaling to [-1, 1] done on the whole batch on `device`.
+
+    Iterating goes on for ever, from the current position; `state_dict()` holds the epoch, the position in it
+    and the flip generator, so that a resumed run takes the same batches as the run it replaces. Epoch e's
+    order is `randperm(N)` drawn from `derive_seed(seed, e)`, the same on every process; it is padded by
+    wrapping to a multiple of `world_size` (as DistributedSampler does) and process r takes every r-th index,
+    so that all processes run the same number of batches.
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, seed: int, random_flip: bool = True,
+                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
+        self.seed, self.random_flip, self.rank, self.world_size = seed, random_flip, rank, world_size
+        self.device = torch.device(device)
+        n = len(data)
+        self.shard_size = -(-n // world_size)  # ceil: every process takes the same number of images
+        self.batch_size = min(batch_size, self.shard_size)
+        self.images = data.images
+        if isinstance(self.images, torch.Tensor) and self.device.type != "cpu" and _fits_on(self.images, self.device):
+            self.images = self.images.to(self.device)  # uint8: a quarter of the float batches' size
+        labels = data.labels if data.labels is not None else torch.full((n,), -1, dtype=torch.long)
+        self.labels = labels.to(self.images.device)
+        self.flip_generator = torch.Generator(self.device).manual_seed(derive_seed(seed, rank, 1))
+        self.epoch, self.position = 0, 0  # batches already taken in this epoch
+        self._order = None
+
+    def __len__(self) -> int:
+        """Batches per epoch on each process."""
+        return -(-self.shard_size // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """This process's image indices for `epoch`, in order."""
+        n = len(self.images)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
+        padded = self.shard_size * self.world_size
+        if padded > n:
+            perm = torch.cat([perm, perm.repeat(-(-padded // n))[:padded - n]])
+        return perm[self.rank::self.world_size]
+
+    def __iter__(self):
+        while True:
+            if self._order is None:
+                self._order = self.order(self.epoch).to(self.images.device)
+            while self.position < len(self):
+                start = self.position * self.batch_size
+                self.position += 1
+                yield self.batch(self._order[start:start + self.batch_size])
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+
+    def batch(self, indices: torch.Tensor) -> dict:
+        """{"images": float (B, C, H, W) in [-1, 1], flipped at random, on `device`; "labels": int64 (B,)}."""
+        images = to_model_range(self.images[indices].to(self.device, non_blocking=True))
+        if self.random_flip:
+            flip = torch.rand(images.shape[0], generator=self.flip_generator, device=self.device) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        return {"images": images, "labels": self.labels[indices.to(self.labels.device)].to(self.device)}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "flip_generator": self.flip_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        self.flip_generator.set_state(state["flip_generator"])
+        self._order = None
+
+
+def _fits_on(images: torch.Tensor, device: torch.device) -> bool:
+    """Whether the uint8 cache takes at most a quarter of the GPU's free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.numel() <= free // 4
+
+
 class _Indexed(torch.utils.data.Dataset):
     def __init__(self, data: ImageData):
         self.data = data
@@ -366,7 +635,7 @@ def collate_fn(random_flip: bool, generator: torch.Generator | None = None) -> C
     """uint8 images -> {"images": float (B, C, H, W) in [-1, 1] with random flips, "labels": (B,)}."""
 
     def collate(items):
-        images = torch.stack([img for img, _ in items]).float().div_(127.5).sub_(1.0)
+        images = to_model_range(torch.stack([img for img, _ in items]))
         if random_flip:
             flip = torch.rand(images.shape[0], generator=generator) < 0.5
             images[flip] = images[flip].flip(-1)
@@ -378,7 +647,7 @@ def collate_fn(random_flip: bool, generator: torch.Generator | None = None) -> C
 
 def make_dataloader(data: ImageData, batch_size: int, random_flip: bool = True, seed: int | None = 0,
                     shuffle: bool = True, drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over the uint8 cache; `accelerator.prepare` shards it across processes."""
+    """A plain DataLoader over the uint8 cache, for use outside ddpmkit (the trainer uses `ShuffledBatches`)."""
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     flip_generator = torch.Generator().manual_seed((seed or 0) + 1)
     return torch.utils.data.DataLoader(

@@ -82,15 +82,19 @@ def _loss_summary(losses: list[dict] | None) -> str | None:
 
 
 def model_card_text(folder: str | Path, config: TrainConfig | dict, sample_grid: str | None = None,
-                    losses: list[dict] | None = None, repo_id: str | None = None) -> str:
-    """The README.md of a pipeline folder: YAML metadata, the command, hyperparameters, samples, usage."""
+                    losses: list[dict] | None = None, repo_id: str | None = None, staged: str | Path | None = None) -> str:
+    """The README.md of a pipeline folder: YAML metadata, the command, hyperparameters, samples, usage.
+
+    `staged`: the folder's files are still in this staging folder (a save in progress); the card names `folder`.
+    """
     from huggingface_hub import ModelCardData
 
     folder = Path(folder)
+    files = Path(staged) if staged is not None else folder
     config = _as_config(config)
-    meta = _read_json(folder / "ddpmkit.json")
-    scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
-    unet = _read_json(folder / "unet" / "config.json")
+    meta = _read_json(files / "ddpmkit.json")
+    scheduler = _read_json(files / "scheduler" / "scheduler_config.json")
+    unet = _read_json(files / "unet" / "config.json")
     class_names = meta.get("class_names")
     data = ModelCardData(
         license=LICENSE,
@@ -145,13 +149,16 @@ def model_card_text(folder: str | Path, config: TrainConfig | dict, sample_grid:
 
 
 def write_model_card(folder: str | Path, config: TrainConfig | dict, sample_grid: str | None = None,
-                     losses: list[dict] | None = None) -> Path:
-    """Write `folder/README.md` with `huggingface_hub.ModelCard`; `sample_grid` is copied in when outside the folder."""
+                     losses: list[dict] | None = None, staged: str | Path | None = None) -> Path:
+    """Write `folder/README.md` with `huggingface_hub.ModelCard`; `sample_grid` is copied in when outside the folder.
+
+    `staged`: write into this staging folder instead, which will become `folder` (the card names `folder`).
+    """
     import shutil
 
     from huggingface_hub import ModelCard
 
-    folder = Path(folder)
+    named, folder = Path(folder), Path(staged) if staged is not None else Path(folder)
     if sample_grid is not None:
         grid = Path(sample_grid)
         if grid.is_absolute() or not (folder / grid).exists():
@@ -161,7 +168,7 @@ def write_model_card(folder: str | Path, config: TrainConfig | dict, sample_grid
             else:
                 shutil.copy(grid, folder / grid.name)
                 sample_grid = grid.name
-    card = ModelCard(model_card_text(folder, config, sample_grid, losses))
+    card = ModelCard(model_card_text(named, config, sample_grid, losses, staged=staged))
     path = folder / "README.md"
     card.save(path)
     return path

@@ -106,6 +106,73 @@ def new_noise_scheduler(beta_schedule: str = "squaredcos_cap_v2", num_train_time
                          prediction_type=prediction_type)
 
 
+SUPPORTED_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline")  # a UNet2DModel and a beta-schedule scheduler
+
+
+def _read_config(path: Path, name: str) -> dict:
+    """A JSON object from a model folder, read as data (no class it names is imported)."""
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{name} has no {path.name} in {path.parent.name}/: save the model with "
+                        "DDPMPipeline.save_pretrained") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}): the model folder is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object, not {type(config).__name__}: the model folder is damaged")
+    return config
+
+
+def _check_types(config: dict, cls, path: Path) -> None:
+    """Each value of a config has the type of the class's default for it (a wrong type fails here, in one line)."""
+    import inspect
+
+    for key, param in inspect.signature(cls.__init__).parameters.items():
+        if key not in config or config[key] is None or param.default in (None, inspect.Parameter.empty):
+            continue
+        value, default = config[key], param.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, (tuple, list)):
+            ok = isinstance(value, (tuple, list))
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise UserError(f"{path}: {key} is {value!r} ({type(value).__name__}), but {cls.__name__} needs "
+                            f"{type(default).__name__} like {default!r}: fix the file or save the model again")
+
+
+def check_pipeline_folder(path: Path, name: str) -> None:
+    """A local pipeline folder, checked as data before anything is built from it: a supported pipeline class,
+    a UNet2DModel, configs whose values have the right types."""
+    index = path / "model_index.json"
+    if not index.exists():
+        raise UserError(f"{name} has no model_index.json: it is incomplete (its save was interrupted?); save it "
+                        "again with DDPMPipeline.save_pretrained, or resume the run that was writing it")
+    index = _read_config(index, name)
+    pipeline = index.get("_class_name")
+    if pipeline not in SUPPORTED_PIPELINES:
+        raise UserError(f"{name} holds a {pipeline!r} pipeline: ddpmkit supports unconditional pixel-space pipelines "
+                        f"({', '.join(SUPPORTED_PIPELINES)}: a UNet2DModel and a scheduler)")
+    unet = _read_config(path / "unet" / "config.json", name)
+    if unet.get("_class_name", "UNet2DModel") != "UNet2DModel" or index.get("unet", ["diffusers", "UNet2DModel"]) != [
+            "diffusers", "UNet2DModel"]:
+        raise UserError(f"{name}: its unet is a {unet.get('_class_name')!r}, not a UNet2DModel: ddpmkit supports "
+                        f"unconditional pixel-space pipelines ({', '.join(SUPPORTED_PIPELINES)})")
+    _check_types(unet, UNet2DModel, path / "unet" / "config.json")
+    size = unet.get("sample_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0 or isinstance(
+            size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise UserError(f"{path / 'unet' / 'config.json'}: sample_size is {size!r}: it must be a positive int (or "
+                        "[height, width]): fix the file or save the model again")
+    _check_types(_read_config(path / "scheduler" / "scheduler_config.json", name), DDPMScheduler,
+                 path / "scheduler" / "scheduler_config.json")
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
 
@@ -127,6 +194,7 @@ def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = 
                 else ""
             raise UserError(f"{name} is not a diffusion pipeline folder: it needs unet/ and scheduler/ sub-folders"
                             f"{hint}; train one with 'ddpmkit train' or save one with DDPMPipeline.save_pretrained")
+        check_pipeline_folder(path, name)
         source, local = str(path), True
     elif _looks_like_path(name):
         raise UserError(f"model folder {name} does not exist: check the path")
@@ -135,7 +203,8 @@ def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = 
     try:
         unet = UNet2DModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
         scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler")
-    except (OSError, ValueError, EnvironmentError) as err:
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         if local:
             raise UserError(f"could not load the pipeline in {name}: {first[:200]}") from None
@@ -144,7 +213,6 @@ def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = 
                             "with network access, or use a local folder (a saved pipeline)") from None
         raise UserError(f"could not download {name!r} from the Hub ({first[:120]}): use a local folder (a saved pipeline), "
                         "or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache") from None
-    scheduler = DDPMScheduler.from_config(scheduler_config)
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.register_to_config(_name_or_path=name)
     if device is not None:

@@ -2,16 +2,24 @@
 
 Per micro-batch, the course's loop: t ~ U{0..T-1} per sample, x_t = add_noise(x0, eps, t),
 loss = MSE(unet(x_t, t), target) with target eps (or x0, or v). Only the UNet is optimized; the noise
-comes from the model's own scheduler. Checkpoints (`--checkpointing_steps`) are written atomically
-and `--resume_from_checkpoint latest` continues a run that was killed.
+comes from the model's own scheduler.
+
+A resumed run is the run it replaces: a checkpoint (`--checkpointing_steps`, and on SIGINT/SIGTERM) holds
+the model, EMA, optimizer, LR schedule, step, the position inside the epoch and every generator (data
+order, flips, timesteps, noise; on every process), and `--resume_from_checkpoint latest` continues the same
+sequence. Checkpoints and pipeline folders are written beside their place and moved in when complete, so a
+kill or a full disk leaves the previous ones intact.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -22,14 +30,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddpmkit.config import TrainConfig, make_config
-from ddpmkit.data import ImageData, load_image_data, make_dataloader
-from ddpmkit.errors import UserError
+from ddpmkit.data import ImageData, ShuffledBatches, derive_seed, load_image_data
+from ddpmkit.errors import Interrupted, UserError
 from ddpmkit.images import bars_enabled, plot_loss_curve, save_grid
 from ddpmkit.models import build_unet, check_image_size, load_pipeline, new_noise_scheduler, unet_config_for
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "ddpmkit.json"  # beside model_index.json: class names and how the model was trained
+CHECKPOINT_MARKER = "training_state.json"  # written last: a checkpoint folder without it is incomplete
+RNG_STATE = "ddpmkit_state_{}.pt"  # per process: the batch position and the generators
 
 
 def train(config: TrainConfig | None = None, data: ImageData | None = None, **overrides) -> Path:
@@ -53,6 +63,7 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.pipeline_dir = self.output_dir / config.model_save_name if config.model_save_name else self.output_dir
+        check_writable(self.output_dir)  # before the data is read or the model built
         if not config.init_from:  # fail on a bad size before spending time on the data
             check_image_size(unet_config_for(config.preset, config.unet_config), config.image_size)
         if config.resume_from_checkpoint not in (None, "latest"):  # a wrong folder fails before the data is read
@@ -62,8 +73,15 @@ class Trainer:
         self.pretrained = self._load_pretrained() if config.init_from else None
         self.data = data if data is not None else self._load_data()
         self.unet, self.noise_scheduler = self._build_model()
+        self.seed = self._run_seed()
+        # timesteps, noise and label drops: one generator per process, saved in every checkpoint
+        self.generator = torch.Generator(self.accelerator.device).manual_seed(
+            derive_seed(self.seed, self.accelerator.process_index, 2))
         self.global_step = 0
         self.loss_log = self.output_dir / "loss.jsonl"
+        self.skipped_steps = 0  # non-finite steps skipped so far (--skip_nonfinite)
+        self.stop_signal = 0  # set by SIGINT / SIGTERM: save a checkpoint after this step and stop
+        self.last_checkpoint = None
 
     # ------------------------------------------------------------------ set up
     def _make_accelerator(self):
@@ -98,7 +116,7 @@ class Trainer:
         c = self.config
         with self.accelerator.main_process_first():  # one download / one disk cache for all processes
             data = load_image_data(c.dataset, c.image_size, c.channels, c.image_column, self.config.class_column, c.split,
-                                   c.cache_dir, c.max_images)
+                                   c.cache_dir, c.max_images, c.cache_max_gb)
         logger.info("%d training images from %s at %dx%d", len(data), c.dataset, c.image_size, c.image_size)
         return data
 
@@ -149,11 +167,13 @@ class Trainer:
         c, acc = self.config, self.accelerator
         lr = c.lr if c.lr is not None else (1e-5 if c.init_from else 4e-4)  # the course's two learning rates
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=lr, weight_decay=c.adam_weight_decay)
-        loader = make_dataloader(self.data, c.batch_size, c.random_flip, c.seed, drop_last=False)
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
                             power=3 / 4, model_cls=type(self.unet), model_config=self.unet.config) if c.use_ema else None
-        self.unet, optimizer, loader = acc.prepare(self.unet, optimizer, loader)
-        self.total_steps = self._total_steps(len(loader))
+        self.unet, optimizer = acc.prepare(self.unet, optimizer)
+        seed = self.seed
+        self.batches = ShuffledBatches(self.data, c.batch_size, seed, c.random_flip, acc.device, acc.process_index,
+                                       acc.num_processes)
+        self.total_steps = self._total_steps(len(self.batches))
         self.lr_scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
         acc.register_for_checkpointing(self.lr_scheduler)
@@ -161,44 +181,46 @@ class Trainer:
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
         self.optimizer = optimizer
-        self._resume()
-        if c.seed is not None:
-            from accelerate.utils import set_seed
+        from accelerate.utils import set_seed
 
-            set_seed(c.seed + self.global_step, device_specific=True)  # different noise on each process
+        set_seed(derive_seed(seed, acc.process_index, 3) % 2**32)  # the global generators (dropout): restored on resume
+        self._resume()
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             c.save(self.output_dir / "train_config.json")
             if self.global_step == 0:  # a fresh run in an old folder starts a new loss log (a resume keeps it)
                 self.loss_log.unlink(missing_ok=True)
         acc.init_trackers(c.wandb_project or "ddpmkit", config=_flat(c.to_dict()),
                           init_kwargs={"wandb": {"dir": str(self.output_dir)}})  # wandb/ inside the run folder
         logger.info("training for %d optimizer steps (%d micro-batches of %d per epoch, %d process(es), lr %.1e)",
-                    self.total_steps, len(loader), c.batch_size, acc.num_processes, lr)
+                    self.total_steps, len(self.batches), self.batches.batch_size, acc.num_processes, lr)
 
         bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not bars_enabled(acc.is_local_main_process),
                    desc="training", dynamic_ncols=True)
-        started, images_seen, micro_losses = time.perf_counter(), 0, []
-        epoch = 0
-        while self.global_step < self.total_steps:
-            for batch in loader:
-                micro_losses.append(self.run_step(batch))
+        started, images_seen = time.perf_counter(), 0
+        self.micro_losses, self.skipping = [], False
+        batches = iter(self.batches)
+        with self._stop_on_signals():
+            while self.global_step < self.total_steps:
+                batch = next(batches)
+                self.run_step(batch)
                 images_seen += batch["images"].shape[0] * acc.num_processes
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
-                loss = acc.gather(torch.stack(micro_losses)).mean().item()
-                micro_losses = []
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"the loss became {loss} at step {self.global_step}: lower --lr")
+                loss, stop = self._read_step()
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
-                self.log_step(loss, epoch, rate)
+                if math.isfinite(loss):
+                    self.log_step(loss, self.batches.epoch, rate)
+                elif self.skipping:
+                    self._log_skipped(loss)
+                else:
+                    raise self._diverged(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
                 self._periodic()
-                if self.global_step >= self.total_steps:
-                    break
-            epoch += 1
+                if stop and self.global_step < self.total_steps:
+                    bar.close()
+                    self._stop(stop)
         bar.close()
         acc.wait_for_everyone()
         final = self.save(self.pipeline_dir)
@@ -210,6 +232,11 @@ class Trainer:
         acc = self.accelerator
         with acc.accumulate(self.unet):
             loss = self.forward_backward(batch)
+            self.micro_losses.append(loss.detach())
+            self.skipping = acc.sync_gradients and self.config.skip_nonfinite > 0 and not self._all_finite()
+            if self.skipping:  # --skip_nonfinite: no update from this step (weights, optimizer, LR, EMA)
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss.detach()
             if acc.sync_gradients:
                 if self.config.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.unet.parameters(), self.config.max_grad_norm)
@@ -223,15 +250,15 @@ class Trainer:
 
     def forward_backward(self, batch: dict) -> torch.Tensor:
         clean_images = batch["images"]  # x0 in [-1, 1], (B, C, H, W)
-        noise = torch.randn_like(clean_images)  # eps
+        noise = torch.randn_like(clean_images, generator=self.generator)  # eps
         bs = clean_images.shape[0]
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bs,),
-                                  device=clean_images.device).long()  # t ~ U, one per sample
+                                  device=clean_images.device, generator=self.generator).long()  # t ~ U, one per sample
         noisy_images = self.noise_scheduler.add_noise(clean_images, noise, timesteps)  # x_t
         kwargs = {}
         if self.unet_config.num_class_embeds:
             labels = batch["labels"].clone()
-            drop = torch.rand(bs, device=labels.device) < self.config.cond_drop_prob
+            drop = torch.rand(bs, device=labels.device, generator=self.generator) < self.config.cond_drop_prob
             # the null class, for classifier-free guidance; also for images without a label (-1)
             labels[drop | (labels < 0)] = self.unet_config.num_class_embeds - 1
             kwargs["class_labels"] = labels
@@ -241,6 +268,85 @@ class Trainer:
         loss = F.mse_loss(model_output.float(), target.float())
         self.accelerator.backward(loss)
         return loss
+
+    def _run_seed(self) -> int:
+        """--seed, or (without one) a random seed drawn once and shared by all processes; checkpoints keep it."""
+        if self.config.seed is not None:
+            return self.config.seed
+        from accelerate.utils import broadcast_object_list
+
+        return int(broadcast_object_list([int.from_bytes(os.urandom(8), "little") >> 1])[0])
+
+    def _read_step(self) -> tuple[float, int]:
+        """The step's loss (mean over micro-batches and processes) and the stop signal any process got (0: none).
+
+        One gather for both, so that every process stops after the same step.
+        """
+        acc = self.accelerator
+        flag = torch.tensor([float(self.stop_signal)], device=acc.device)
+        values = acc.gather(torch.cat([torch.stack(self.micro_losses).float(), flag])).view(acc.num_processes, -1).cpu()
+        self.micro_losses = []
+        return values[:, :-1].mean().item(), int(values[:, -1].max().item())
+
+    def _all_finite(self) -> bool:
+        """Whether every micro-batch loss of this step is finite on every process (--skip_nonfinite)."""
+        bad = (~torch.isfinite(torch.stack(self.micro_losses))).any().float().view(1)
+        return not self.accelerator.gather(bad).max().item()
+
+    def _log_skipped(self, loss: float) -> None:
+        self.skipped_steps += 1
+        if self.skipped_steps > self.config.skip_nonfinite:
+            raise self._diverged(loss)
+        logger.warning("step %d: the loss is %s; skipped it, weights unchanged (%d of --skip_nonfinite %d)",
+                       self.global_step, loss, self.skipped_steps, self.config.skip_nonfinite)
+        if self.accelerator.is_main_process:
+            with self.loss_log.open("a") as f:
+                f.write(json.dumps({"step": self.global_step, "loss": None, "skipped": str(loss),
+                                    "epoch": self.batches.epoch}) + "\n")
+
+    def _diverged(self, loss: float) -> UserError:
+        c = self.config
+        kept = (f"the last good checkpoint, {self.last_checkpoint}, is intact: resume from it with "
+                "--resume_from_checkpoint latest and a lower --lr") if self.last_checkpoint else \
+            "no checkpoint was saved before it (--checkpointing_steps N saves one every N steps)"
+        if c.skip_nonfinite:
+            what = f"after {self.skipped_steps - 1} skipped step(s), the most --skip_nonfinite {c.skip_nonfinite} allows"
+        else:
+            what = "lower --lr, or skip up to N such steps with --skip_nonfinite N"
+        return UserError(f"the loss became {loss} at step {self.global_step} ({what}); nothing was saved from this "
+                         f"step; {kept}")
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT / SIGTERM set `stop_signal`: the loop saves a checkpoint after the step and stops; a second one acts
+        at once."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signum, previous[signum])
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+    def _stop(self, signum: int):
+        name = signal.Signals(signum).name
+        logger.info("%s: saving a checkpoint at step %d", name, self.global_step)
+        path = self.last_checkpoint if self._saved_at(self.global_step) else self.save_checkpoint()
+        self._release()
+        raise Interrupted(f"stopped by {name} at step {self.global_step} of {self.total_steps}; saved {path}: "
+                          "resume with the same command and --resume_from_checkpoint latest", signum)
+
+    def _saved_at(self, step: int) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name == _checkpoint_name(step)
 
     @property
     def unet_config(self):
@@ -265,12 +371,13 @@ class Trainer:
 
     def _periodic(self) -> None:
         c, step = self.config, self.global_step
-        if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < self.total_steps:
-            self.save_checkpoint()
         if c.save_model_every and step % c.save_model_every == 0 and step < self.total_steps:
             self.save(self.pipeline_dir / f"step_{step}", final=False)
         if c.log_samples_every and step % c.log_samples_every == 0 and step < self.total_steps:
             self.log_samples()
+        # last: the checkpoint then holds every generator exactly as the next step finds it
+        if c.checkpointing_steps and step % c.checkpointing_steps == 0 and step < self.total_steps:
+            self.save_checkpoint()
 
     def _pipeline(self):
         """The model being trained as a DDPMPipeline (EMA weights when --use_ema), on the training device."""
@@ -302,75 +409,142 @@ class Trainer:
         return path
 
     def save(self, folder: Path, final: bool = True) -> Path:
-        """Save a loadable DDPMPipeline (model_index.json, unet/, scheduler/) plus ddpmkit.json and a model card."""
-        if self.accelerator.is_main_process:
-            pipe = self._pipeline()
-            folder.mkdir(parents=True, exist_ok=True)
-            pipe.save_pretrained(folder)
-            meta = {"class_names": self.data.class_names if self.unet_config.num_class_embeds else None,
-                    "null_class": (self.unet_config.num_class_embeds - 1) if self.unet_config.num_class_embeds else None,
-                    "base_model": self.config.init_from, "dataset": self.config.dataset, "step": self.global_step,
-                    "train_config": self.config.to_dict()}
-            (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            self.config.save(folder / "train_config.json")  # the run's config beside the weights
-            if final:
-                self._write_final_artifacts(folder)
-            else:
-                from ddpmkit.hub import write_model_card
+        """Save a loadable DDPMPipeline (model_index.json, unet/, scheduler/) plus ddpmkit.json and a model card.
 
-                write_model_card(folder, self.config, losses=self._loss_records())
+        Written to a staging folder first and moved into `folder` when complete (model_index.json last), so a
+        kill or a full disk leaves the previous pipeline there intact.
+        """
+        error = None
+        if self.accelerator.is_main_process:
+            staged = folder / ".tmp_pipeline" if folder.exists() else folder.parent / f".tmp_{folder.name}"
+            try:
+                _remove(staged)
+                self._write_pipeline(staged, folder, final)
+                _commit_pipeline(staged, folder)
+            except Exception as err:  # noqa: BLE001 - a full disk shows up as OSError, RuntimeError or SafetensorError
+                _remove(staged)
+                error = err
+        self._raise_if_failed(error, f"the pipeline of step {self.global_step} to {folder}")
+        if self.accelerator.is_main_process:
             logger.info("saved pipeline (step %d) to %s", self.global_step, folder)
-        self.accelerator.wait_for_everyone()
         return folder
 
-    def _write_final_artifacts(self, folder: Path) -> None:
+    def _write_pipeline(self, staged: Path, folder: Path, final: bool) -> None:
+        from ddpmkit.hub import write_model_card
+
+        self._pipeline().save_pretrained(staged)
+        meta = {"class_names": self.data.class_names if self.unet_config.num_class_embeds else None,
+                "null_class": (self.unet_config.num_class_embeds - 1) if self.unet_config.num_class_embeds else None,
+                "base_model": self.config.init_from, "dataset": self.config.dataset, "step": self.global_step,
+                "train_config": self.config.to_dict()}
+        (staged / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        self.config.save(staged / "train_config.json")  # the run's config beside the weights
         records = self._loss_records()
+        if not final:
+            write_model_card(folder, self.config, losses=records, staged=staged)
+            return
         if records:
             plot_loss_curve([r["step"] for r in records], [r["loss"] for r in records], self.output_dir / "loss_curve.png")
         grid = self.log_samples()
         if grid is not None:
-            shutil.copy(grid, folder / "samples.png")
-        from ddpmkit.hub import write_model_card
-
-        write_model_card(folder, self.config, sample_grid="samples.png", losses=records)
+            shutil.copy(grid, staged / "samples.png")
+        write_model_card(folder, self.config, sample_grid="samples.png", losses=records, staged=staged)
 
     def _loss_records(self) -> list[dict]:
-        return [json.loads(line) for line in self.loss_log.read_text().splitlines()] if self.loss_log.exists() else []
+        """The logged steps with a finite loss (a line cut short by a kill, or a skipped step, is left out)."""
+        return [r for r in _read_log(self.loss_log) if isinstance(r.get("loss"), (int, float))]
 
     def save_checkpoint(self) -> Path:
-        """Full training state (weights, optimizer, lr schedule, EMA, RNG) written to a temp folder, then renamed."""
+        """Full training state (weights, optimizer, LR schedule, EMA, step, batch position, every generator) written
+        to a temporary folder, then renamed: a `checkpoints/step_*` folder is complete, or it does not exist."""
+        acc = self.accelerator
         root = self.output_dir / "checkpoints"
-        final = root / f"step_{self.global_step:07d}"
-        tmp = root / f".tmp_step_{self.global_step:07d}"
-        if self.accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_main_process:
-            (tmp / "training_state.json").write_text(json.dumps({"global_step": self.global_step}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in sorted(root.glob("step_*"))[:-self.config.checkpoints_total_limit or None]:
-                shutil.rmtree(old)
+        final = root / _checkpoint_name(self.global_step)
+        tmp = root / f".tmp_{final.name}"
+        if acc.is_main_process:
+            _remove(tmp)  # left by a killed run
+        acc.wait_for_everyone()
+        error = None
+        try:
+            acc.save_state(str(tmp))
+            torch.save(self._process_state(), tmp / RNG_STATE.format(acc.process_index))
+        except Exception as err:  # noqa: BLE001 - see save()
+            error = err
+        error = self._agree(error)
+        if acc.is_main_process and error is None:
+            try:
+                _fsync_tree(tmp)
+                marker = {"global_step": self.global_step, "num_processes": acc.num_processes}
+                _write_atomic(tmp / CHECKPOINT_MARKER, json.dumps(marker))  # last: the checkpoint is complete
+                _remove(final)  # the same step saved before (a run resumed from an earlier checkpoint)
+                os.replace(tmp, final)
+                _fsync_dir(root)
+            except Exception as err:  # noqa: BLE001
+                error = err
+            if error is not None:
+                _remove(tmp)
+            else:
+                self._prune_checkpoints(root, final)
+        self._raise_if_failed(error, f"the checkpoint of step {self.global_step} to {root}")
+        self.last_checkpoint = final
+        if acc.is_main_process:
             logger.info("checkpoint saved to %s", final)
-        self.accelerator.wait_for_everyone()
         return final
 
+    def _process_state(self) -> dict:
+        """What this process needs to continue the same sequence: batch position, flips, timesteps and noise."""
+        return {"batches": self.batches.state_dict(), "generator": self.generator.get_state(),
+                "skipped_steps": self.skipped_steps}
+
+    def _prune_checkpoints(self, root: Path, newest: Path) -> None:
+        """Keep the newest --checkpoints_total_limit complete checkpoints (the new one is complete by now)."""
+        complete = [p for p in _complete_checkpoints(root) if p != newest]
+        for old in complete[:max(0, len(complete) - (self.config.checkpoints_total_limit - 1))]:
+            _remove(old)
+        for leftover in root.glob(".tmp_step_*"):  # left by killed runs; never the one being written (it is renamed)
+            _remove(leftover)
+
+    def _agree(self, error: Exception | None) -> Exception | None:
+        """Every process learns whether any of them failed (so that none waits for the others for ever)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return error
+        failed = acc.gather(torch.tensor([float(error is not None)], device=acc.device)).max().item()
+        return error or (RuntimeError("another process failed to save") if failed else None)
+
+    def _raise_if_failed(self, error: Exception | None, what: str) -> None:
+        error = self._agree(error)
+        self.accelerator.wait_for_everyone()
+        if error is None:
+            return
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else \
+            (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        previous = f"the last complete checkpoint, {self.last_checkpoint}," if self.last_checkpoint else \
+            "the previous checkpoints"
+        raise UserError(f"could not save {what} ({reason}); {previous} and the saved pipelines are intact: "
+                        "free some disk space, then resume with --resume_from_checkpoint latest")
+
     def _checkpoint_to_resume(self) -> Path | None:
-        """The folder --resume_from_checkpoint names ('latest': the newest one), or None to start from step 0."""
+        """The folder --resume_from_checkpoint names ('latest': the newest complete one), or None to start anew."""
         which = self.config.resume_from_checkpoint
         if not which:
             return None
         if which == "latest":
-            found = sorted((self.output_dir / "checkpoints").glob("step_*"))
-            if not found:
-                logger.info("no checkpoint in %s/checkpoints: starting from the beginning", self.output_dir)
+            root = self.output_dir / "checkpoints"
+            complete = _complete_checkpoints(root)
+            if self.accelerator.is_main_process:
+                for partial in sorted(set(root.glob("*step_*")) - set(complete)):
+                    logger.warning("ignoring %s: an incomplete checkpoint (its save was interrupted)", partial)
+            if not complete:
+                logger.info("no checkpoint in %s yet: starting a new run", root)
                 return None
-            return found[-1]
+            return complete[-1]
         path = Path(which)
-        if not (path / "training_state.json").exists():
-            raise UserError(f"{which} is not a ddpmkit checkpoint folder (no training_state.json): use 'latest' "
+        if not (path / CHECKPOINT_MARKER).exists():
+            if path.name.startswith(".tmp_step_") or (path / "model.safetensors").exists():
+                raise UserError(f"{which} is an incomplete checkpoint (its save was interrupted): use 'latest' or "
+                                "an earlier folder under OUTPUT_DIR/checkpoints")
+            raise UserError(f"{which} is not a ddpmkit checkpoint folder (no {CHECKPOINT_MARKER}): use 'latest' "
                             "or a folder under OUTPUT_DIR/checkpoints")
         return path
 
@@ -378,14 +552,42 @@ class Trainer:
         path = self._checkpoint_to_resume()
         if path is None:
             return
-        self.accelerator.load_state(str(path))
+        acc = self.accelerator
+        acc.load_state(str(path))
         if self.ema is not None:  # EMAModel.load_state_dict puts the shadow weights on the CPU
-            self.ema.to(self.accelerator.device)
-        self.global_step = json.loads((path / "training_state.json").read_text())["global_step"]
-        if self.accelerator.is_main_process and self.loss_log.exists():  # drop steps logged after the checkpoint
-            kept = [line for line in self.loss_log.read_text().splitlines() if json.loads(line)["step"] <= self.global_step]
-            self.loss_log.write_text("".join(line + "\n" for line in kept))
-        logger.info("resumed from %s at step %d", path, self.global_step)
+            self.ema.to(acc.device)
+        state = json.loads((path / CHECKPOINT_MARKER).read_text())
+        self.global_step = state["global_step"]
+        self.last_checkpoint = path
+        own = path / RNG_STATE.format(acc.process_index)
+        if state.get("num_processes", 1) == acc.num_processes and own.exists():
+            saved = torch.load(own, weights_only=True)
+            self.batches.load_state_dict(saved["batches"])
+            self.generator.set_state(saved["generator"])
+            self.skipped_steps = int(saved.get("skipped_steps", 0))
+        else:  # another number of processes: another sharding, so the same sequence cannot continue
+            logger.warning("%s was written by %s process(es), this run has %d: the data order, flips and noise "
+                           "continue from new seeds, so this run is not exactly the one it replaces", path,
+                           state.get("num_processes", "?"), acc.num_processes)
+            micro_batches = self.global_step * self.config.grad_accumulation_steps
+            self.batches.epoch, self.batches.position = divmod(micro_batches, len(self.batches))
+            self.generator.manual_seed(derive_seed(self.batches.seed, acc.process_index, 2, self.global_step))
+        if acc.is_main_process and self.loss_log.exists():  # drop steps logged after the checkpoint
+            kept = [r for r in _read_log(self.loss_log) if r.get("step", 0) <= self.global_step]
+            _write_atomic(self.loss_log, "".join(json.dumps(r) + "\n" for r in kept))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d of %d)", path, self.global_step,
+                    self.batches.epoch, self.batches.position, len(self.batches))
+
+    def _release(self) -> None:
+        """Flush the trackers and, with several processes, free the DDP wrapper before the process group goes."""
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            # Freed later (when the Trainer goes), the DDP Reducer drops the group's last reference with the GIL
+            # held, and gloo's destructor then waits for a worker thread that needs the GIL: torchrun hung at exit
+            # now and then (pytorch/pytorch#56297).
+            self.unet = acc.unwrap_model(self.unet)
+            acc.free_memory()
+        acc.end_training()
 
     def _finish(self) -> None:
         acc = self.accelerator
@@ -395,18 +597,110 @@ class Trainer:
         if acc.is_main_process:
             state = {"global_step": self.global_step, "num_processes": acc.num_processes,
                      "weights_checksum_per_process": per_rank}
-            (self.output_dir / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        if acc.num_processes > 1:
-            # Free the DDP wrapper while the process group is still registered. Freed later (when the Trainer goes),
-            # its Reducer drops the group's last reference with the GIL held, and gloo's destructor then waits for
-            # a worker thread that needs the GIL: torchrun hung at exit now and then (pytorch/pytorch#56297).
-            self.unet = unet
-            acc.free_memory()
-        acc.end_training()
+            _write_atomic(self.output_dir / "train_state.json", json.dumps(state, indent=2) + "\n")
+        self._release()
         if self.config.push_to_hub and acc.is_main_process:
             from ddpmkit.hub import push_to_hub
 
             push_to_hub(self.pipeline_dir, self.config.hub_model_id, private=self.config.hub_private)
+
+
+# ---------------------------------------------------------------------- files that are complete or absent
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a file in it, or raise UserError saying what is wrong."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write to --output_dir {folder} ({err.strerror or err}): choose a folder you can "
+                        "write to") from None
+
+
+def _checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    found = [p for p in root.glob("step_*") if (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else -1)
+
+
+def _read_log(path: Path) -> list[dict]:
+    """The records of a JSON-lines log; a line cut short by a kill is left out."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                logger.warning("ignoring a line of %s cut short (a killed run): %r", path, line[:80])
+    return records
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder; a folder is renamed first, so that no half-deleted folder keeps its name."""
+    if path.is_dir() and not path.is_symlink():
+        doomed = path.with_name(f".del_{path.name}_{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp_{path.name}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files to the disk, so that a crash of the machine cannot leave them empty after the rename."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit_pipeline(staged: Path, folder: Path) -> None:
+    """Move a complete staged pipeline into `folder`: a new folder by one rename; into an existing folder (the run
+    folder, which also holds logs and checkpoints) entry by entry, model_index.json removed first and put back last,
+    so that a kill in between leaves no loadable half (`load_pipeline` needs model_index.json)."""
+    _fsync_tree(staged)
+    if not folder.exists():
+        os.replace(staged, folder)
+        _fsync_dir(folder.parent)
+        return
+    index = folder / "model_index.json"
+    index.unlink(missing_ok=True)
+    old = folder / ".old_pipeline"
+    _remove(old)
+    old.mkdir()
+    for entry in sorted(staged.iterdir()):
+        if entry.name == "model_index.json":
+            continue
+        target = folder / entry.name
+        if target.exists():
+            os.replace(target, old / entry.name)
+        os.replace(entry, target)
+    os.replace(staged / "model_index.json", index)
+    _fsync_dir(folder)
+    _remove(old)
+    _remove(staged)
 
 
 def _ema_copy(ema, unet):
