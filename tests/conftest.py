@@ -63,3 +63,103 @@ def plain_pipeline(tmp_path) -> Path:
 def image_folder(tmp_path) -> Path:
     write_images(tmp_path / "images")
     return tmp_path / "images"
+
+
+# ----------------------------------------------------------------------------- real `ddpmkit` processes, forked
+# Each run is `ddpmkit.cli.main(argv)` in a process forked from a server that imported ddpmkit once: a real process
+# (its own pid to SIGKILL or SIGTERM, its own exit code and stderr) without paying ~10 s of imports per run.
+FORK_SERVER = """
+import json, os, resource, sys, traceback
+sys.path.insert(0, {tests!r})
+import ddpmkit.cli, ddpmkit.trainer, ddpmkit.sampling, ddpmkit.models, ddpmkit.data, ddpmkit.hub, ddpmkit.plots
+import pause_harness
+print("ready", flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    if request["op"] == "wait":
+        _, status = os.waitpid(request["pid"], 0)
+        print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.environ.update(request["env"])
+        if request["max_file_bytes"]:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (request["max_file_bytes"],) * 2)
+        if request["pause_at"]:
+            pause_harness.pause_at(request["pause_at"], request["paused"])
+        try:
+            code = ddpmkit.cli.main(request["argv"])
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(json.dumps(pid), flush=True)
+"""
+
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+
+
+class ForkedCli:
+    """start(argv) -> pid of a running `ddpmkit` process; wait(pid) -> (exit code, stderr); run(argv) does both."""
+
+    def __init__(self, folder: Path):
+        import subprocess
+        import sys
+
+        self.folder, self.count, self.stderr = folder, 0, {}
+        self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER.format(tests=str(Path(__file__).parent))],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env=CLI_ENV, cwd=folder)
+        assert self.server.stdout.readline().strip() == "ready", self.server.stderr.read()
+
+    def _ask(self, request: dict):
+        import json
+
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        return json.loads(self.server.stdout.readline())
+
+    def start(self, *argv, pause_at: str | None = None, paused: Path | None = None, max_file_bytes: int = 0,
+              env: dict | None = None) -> int:
+        self.count += 1
+        stderr = self.folder / f"stderr_{self.count}.txt"
+        pid = self._ask({"op": "start", "argv": list(map(str, argv)), "stderr": str(stderr), "env": env or {},
+                         "pause_at": pause_at, "paused": str(paused or ""), "max_file_bytes": max_file_bytes})
+        self.stderr[pid] = stderr
+        return pid
+
+    def wait(self, pid: int) -> tuple[int, str]:
+        code = self._ask({"op": "wait", "pid": pid})
+        return code, self.stderr.pop(pid).read_text()
+
+    def run(self, *argv, **kwargs) -> tuple[int, str]:
+        return self.wait(self.start(*argv, **kwargs))
+
+    @staticmethod
+    def alive(pid: int) -> bool:
+        """Running (not exited and waiting to be reaped)."""
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    def close(self) -> str:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+        return self.server.stderr.read()
+
+
+@pytest.fixture(scope="session")
+def forked_cli(tmp_path_factory):
+    if not hasattr(os, "fork") or not Path("/proc/self/stat").exists():
+        pytest.skip("needs os.fork and /proc (Linux)")
+    cli = ForkedCli(tmp_path_factory.mktemp("forked_cli"))
+    yield cli
+    assert cli.close() == "", "importing ddpmkit must print nothing"

@@ -5,11 +5,8 @@ uninterrupted run's weights bit for bit and each step once in loss.jsonl. Also: 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,51 +15,52 @@ import torch
 from conftest import write_images
 from safetensors.torch import load_file
 
-HARNESS = Path(__file__).parent / "pause_harness.py"
+from ddpmkit.errors import UserError
+from ddpmkit.models import load_pipeline
+
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
 
 def _train_args(images: Path, out: Path, *extra) -> list[str]:
     """The micro preset at 8x8 on 10 images in 2 class folders: EMA, accumulation over a 3-micro-batch epoch (so
     steps straddle epochs), label drops, flips, a warm-up/cosine LR schedule: every piece of state must come back."""
-    return ["train", "--dataset", str(images), "--class_column", "label", "--preset", "micro", "--image_size", "8",
-            "--batch_size", "4", "--grad_accumulation_steps", "2", "--use_ema", "--lr", "2e-3",
-            "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--max_steps", "24", "--checkpointing_steps", "4",
-            "--checkpoints_total_limit", "2", "--device", "cpu", "--num_sample_images", "2", "--sample_steps", "2",
-            "--seed", "7", "--output_dir", str(out), *extra]
+    return ["train", "--dataset", images, "--class_column", "label", "--preset", "micro", "--image_size", 8,
+            "--batch_size", 4, "--grad_accumulation_steps", 2, "--use_ema", "--lr", 2e-3, "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", 3, "--max_steps", 24, "--checkpointing_steps", 4, "--checkpoints_total_limit", 2,
+            "--device", "cpu", "--num_sample_images", 2, "--sample_steps", 2, "--seed", 7, "--output_dir", out, *extra]
 
 
-def _start(args: list[str], pause_at: str | None = None, paused: Path | None = None) -> subprocess.Popen:
-    env = {**ENV, "PAUSE_AT": pause_at or "", "PAUSED": str(paused or "")}
-    return subprocess.Popen([sys.executable, str(HARNESS), *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
+def _wait_for(condition, cli, pid: int, what: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        if process.poll() is not None:
-            pytest.fail(f"the run ended (exit {process.returncode}) before {what}:\n{process.stderr.read()[-3000:]}")
+        if not cli.alive(pid):
+            code, stderr = cli.wait(pid)
+            pytest.fail(f"the run ended (exit {code}) before {what}:\n{stderr[-3000:]}")
         if time.monotonic() > deadline:
-            process.kill()
+            cli.wait(pid) if not _signal(pid, signal.SIGKILL) else None
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.005)
 
 
-def _kill(process: subprocess.Popen) -> str:
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    return process.stderr.read()
+def _signal(pid: int, signum: int) -> None:
+    import os
+
+    os.kill(pid, signum)
 
 
-def _steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "loss.jsonl").read_text().splitlines()]
+def _kill(cli, pid: int) -> str:
+    _signal(pid, signal.SIGKILL)
+    code, stderr = cli.wait(pid)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    return stderr
 
 
-def _losses(run: Path) -> list[tuple]:
+def _lines(run: Path) -> int:
+    log = run / "loss.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def _records(run: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["lr"], r["epoch"]) for r in map(json.loads, (run / "loss.jsonl").read_text()
                                                                       .splitlines())]
 
@@ -76,64 +74,186 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(images, tmp_path_factory) -> Path:
+def uninterrupted(images, forked_cli, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = subprocess.run([sys.executable, "-m", "ddpmkit", *_train_args(images, run)], env=ENV, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert _steps(run) == list(range(1, 25))
+    code, stderr = forked_cli.run(*_train_args(images, run))
+    assert code == 0, stderr[-3000:]
+    assert [r[0] for r in _records(run)] == list(range(1, 25))
     return run
 
 
-@pytest.mark.slow
-def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(images, uninterrupted, tmp_path):
-    run, paused = tmp_path / "run", tmp_path / "paused"
+def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(images, uninterrupted, forked_cli,
+                                                                             tmp_path):
+    cli, run, paused = forked_cli, tmp_path / "run", tmp_path / "paused"
     args = _train_args(images, run, "--resume_from_checkpoint", "latest")
     checkpoints = run / "checkpoints"
 
-    # 1. a random moment during training (first start: 'latest' finds no checkpoint and says so)
+    # 1. a random moment during training (the first start: 'latest' finds no checkpoint and says so)
     kill_after = random.Random().randint(6, 14)  # logged steps seen before the kill; the kill lands a little later
-    process = _start(args)
-    _wait_for(lambda: (run / "loss.jsonl").exists() and len((run / "loss.jsonl").read_text().splitlines())
-              >= kill_after, process, f"{kill_after} logged steps")
-    stderr = _kill(process)
+    pid = cli.start(*args)
+    _wait_for(lambda: _lines(run) >= kill_after, cli, pid, f"{kill_after} logged steps")
+    stderr = _kill(cli, pid)
     assert "starting a new run" in stderr, stderr[-2000:]
-    reached = len((run / "loss.jsonl").read_text().splitlines())
-    assert (checkpoints / "step_0000004").is_dir(), f"killed at step {reached}: no checkpoint yet?"
+    reached = _lines(run)
+    assert list(checkpoints.glob("step_*/training_state.json")), f"killed at step {reached}: no checkpoint yet?"
 
     # 2. inside a checkpoint write: accelerate has written model.safetensors, not yet optimizer.bin
-    process = _start(args, "torch.save:.tmp_step_", paused)
-    _wait_for(paused.exists, process, "the pause inside a checkpoint write")
-    _kill(process)
+    pid = cli.start(*args, pause_at="torch.save:.tmp_step_", paused=paused)
+    _wait_for(paused.exists, cli, pid, "the pause inside a checkpoint write")
+    _kill(cli, pid)
     partial = sorted(checkpoints.glob(".tmp_step_*"))
     assert len(partial) == 1 and (partial[0] / "model.safetensors").exists()
     assert not (partial[0] / "optimizer.bin").exists() and not (partial[0] / "training_state.json").exists()
     paused.unlink()
 
     # 3. inside the final save: unet/ and scheduler/ moved into the run folder, model_index.json not yet
-    process = _start(args, "os.replace:model_index.json", paused)
-    _wait_for(paused.exists, process, "the pause inside the final save")
-    stderr = _kill(process)
+    pid = cli.start(*args, pause_at="os.replace:model_index.json", paused=paused)
+    _wait_for(paused.exists, cli, pid, "the pause inside the final save")
+    stderr = _kill(cli, pid)
     assert f"ignoring {partial[0]}: an incomplete checkpoint" in stderr, stderr[-2000:]
     assert (run / WEIGHTS).exists() and not (run / "model_index.json").exists()
-    from ddpmkit.errors import UserError
-    from ddpmkit.models import load_pipeline
-
     with pytest.raises(UserError, match="incomplete"):  # half a pipeline is no pipeline
         load_pipeline(run)
     complete = sorted(p.name for p in checkpoints.glob("step_*"))
     assert complete == ["step_0000016", "step_0000020"], complete  # --checkpoints_total_limit 2
 
-    # 4. resumed once more: it runs from step 20 to the end
-    result = subprocess.run([sys.executable, "-m", "ddpmkit", *args], env=ENV, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr and "at step 20" in result.stderr
+    # 4. resumed once more: from step 20 to the end
+    code, stderr = cli.run(*args)
+    assert code == 0, stderr[-3000:]
+    assert "resumed from" in stderr and "at step 20" in stderr
 
     expected, got = load_file(str(uninterrupted / WEIGHTS)), load_file(str(run / WEIGHTS))
     assert expected.keys() == got.keys()
     differ = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not differ, f"killed at step {reached} and twice more: {len(differ)} tensors differ, e.g. {differ[:3]}"
-    assert _steps(run) == list(range(1, 25)), "each step once in loss.jsonl"
-    assert _losses(run) == _losses(uninterrupted)  # the same batches, flips, timesteps, noise and learning rates
+    assert [r[0] for r in _records(run)] == list(range(1, 25)), "each step once in loss.jsonl"
+    assert _records(run) == _records(uninterrupted)  # the same batches, flips, timesteps, noise and learning rates
     assert not list(checkpoints.glob(".tmp_*")) and not list(run.glob(".tmp_*")) and not list(run.glob(".old_*"))
+    assert isinstance(load_pipeline(run).unet, torch.nn.Module)
+
+
+# ----------------------------------------------------------------------------- SIGINT / SIGTERM
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_save_a_checkpoint_then_exit_with_one_line(images, forked_cli, tmp_path, signum,
+                                                                      exit_code):
+    run = tmp_path / "run"
+    args = ["-q", *_train_args(images, run, "--max_steps", 100000, "--checkpointing_steps", 0)]
+    pid = forked_cli.start(*args)
+    _wait_for(lambda: _lines(run) >= 3, forked_cli, pid, "3 logged steps")
+    _signal(pid, signum)
+    code, stderr = forked_cli.wait(pid)
+    assert code == exit_code, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ddpmkit: stopped by {signal.Signals(signum).name} at step "), stderr
+    assert "--resume_from_checkpoint latest" in lines[0]
+    step = int(lines[0].split(" at step ")[1].split()[0])
+    checkpoint = run / "checkpoints" / f"step_{step:07d}"
+    assert str(checkpoint) in lines[0]
+    assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == step
+    assert _lines(run) == step
+    if signum == signal.SIGTERM:  # and it resumes from there
+        code, stderr = forked_cli.run(*_train_args(images, run, "--max_steps", step + 2, "--resume_from_checkpoint",
+                                                   "latest", "--checkpointing_steps", 0))
+        assert code == 0 and f"at step {step}" in stderr, stderr[-3000:]
+        assert [r[0] for r in _records(run)] == list(range(1, step + 3))
+
+
+# ----------------------------------------------------------------------------- a full disk
+@pytest.mark.parametrize("failing", ["checkpoint", "pipeline"])
+def test_full_disk_keeps_the_previous_checkpoint_and_pipeline(images, forked_cli, tmp_path, failing):
+    """Files are capped at 64 kB with RLIMIT_FSIZE in the training process (the UNet's weights take 181 kB): the
+    write fails as it would on a full disk, at a chosen size, without root or a special file system."""
+    run = tmp_path / "run"
+    code, stderr = forked_cli.run(*_train_args(images, run, "--max_steps", 4, "--checkpointing_steps", 2))
+    assert code == 0, stderr[-3000:]
+    checkpoint = run / "checkpoints" / "step_0000002"
+    before = {p: p.read_bytes() for p in [*checkpoint.rglob("*"), *run.glob("unet/*"), run / "model_index.json"]
+              if p.is_file()}
+    more = ["--checkpointing_steps", 0] if failing == "pipeline" else []
+    code, stderr = forked_cli.run("-q", *_train_args(images, run, "--max_steps", 8, "--resume_from_checkpoint",
+                                                     "latest", *more), max_file_bytes=64_000)
+    lines = stderr.splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    what = "the checkpoint of step 4" if failing == "checkpoint" else "the pipeline of step 8"
+    assert lines[0].startswith(f"ddpmkit: error: could not save {what}") and "File too large" in lines[0], lines[0]
+    assert "step_0000002" in lines[0] and "--resume_from_checkpoint latest" in lines[0]
+    after = {p: p.read_bytes() for p in before if p.is_file()}
+    assert after == before, "the previous checkpoint and pipeline are byte for byte as they were"
+    assert not list(run.rglob(".tmp_*")), "no half-written folder left behind"
+    assert isinstance(load_pipeline(run).unet, torch.nn.Module)
+
+
+# ----------------------------------------------------------------------------- a loss that is not finite
+def _poison(monkeypatch, steps: set[int]):
+    """NaN images at these optimizer steps: the loss and the gradients become NaN there."""
+    from ddpmkit.trainer import Trainer
+
+    original = Trainer.forward_backward
+
+    def forward_backward(self, batch):
+        if self.global_step + 1 in steps:
+            batch = {**batch, "images": batch["images"] * float("nan")}
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "forward_backward", forward_backward)
+
+
+def _nan_config(tmp_path, **overrides):
+    from ddpmkit.config import TrainConfig
+
+    base = dict(preset="micro", image_size=8, batch_size=4, max_steps=8, checkpointing_steps=2, device="cpu",
+                num_sample_images=2, sample_steps=2, output_dir=str(tmp_path / "run"), seed=0)
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def _random_data():
+    from ddpmkit.data import ImageData
+
+    return ImageData(torch.randint(0, 256, (8, 3, 8, 8), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8))
+
+
+def test_nan_loss_stops_naming_the_step_and_the_intact_checkpoint(tmp_path, monkeypatch):
+    from ddpmkit.trainer import train
+
+    _poison(monkeypatch, {5})
+    with pytest.raises(UserError) as err:
+        train(_nan_config(tmp_path), data=_random_data())
+    message = str(err.value)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000004"
+    assert "the loss became nan at step 5" in message and str(checkpoint) in message and "--skip_nonfinite" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["step_0000002", "step_0000004"]
+    assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values())
+    assert not (tmp_path / "run" / "model_index.json").exists(), "no pipeline saved from NaN weights"
+
+
+def test_skip_nonfinite_skips_up_to_n_steps(tmp_path, monkeypatch):
+    from ddpmkit.trainer import Trainer, train
+
+    _poison(monkeypatch, {3, 6})
+    path = train(_nan_config(tmp_path, skip_nonfinite=2), data=_random_data())
+    weights = load_file(str(path / WEIGHTS))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    records = [json.loads(line) for line in (path / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records if r.get("skipped")] == [3, 6] and records[2]["loss"] is None
+
+    # a skipped step leaves the weights as they were
+    seen = {}
+    original = Trainer.run_step
+
+    def run_step(self, batch):
+        if self.global_step in (2, 3):
+            seen[self.global_step] = {k: v.clone() for k, v in self.accelerator.unwrap_model(self.unet)
+                                      .state_dict().items()}
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+    train(_nan_config(tmp_path, skip_nonfinite=2, output_dir=str(tmp_path / "again"), max_steps=4),
+          data=_random_data())
+    assert all(torch.equal(seen[2][k], seen[3][k]) for k in seen[2])
+
+    _poison(monkeypatch, {2, 3, 4})
+    with pytest.raises(UserError, match="the loss became nan at step 4 .after 2 skipped step"):
+        train(_nan_config(tmp_path, skip_nonfinite=2, output_dir=str(tmp_path / "third")), data=_random_data())

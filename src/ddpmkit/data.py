@@ -144,7 +144,7 @@ def _decode_into(source: ItemSource, indices: list[int], image_size: int, channe
         except (UnidentifiedImageError, ImageRefused, OSError, ValueError, SyntaxError, EOFError) as err:
             return k, _why_bad(err, item)
         if out is not None:
-            out[k] = torch.from_numpy(array)
+            out[k].numpy()[...] = array  # (from_numpy would warn: the array may be read-only)
         return k, None
 
     for start in range(0, len(indices), chunk):

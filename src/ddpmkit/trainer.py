@@ -471,7 +471,9 @@ class Trainer:
         except Exception as err:  # noqa: BLE001 - see save()
             error = err
         error = self._agree(error)
-        if acc.is_main_process and error is None:
+        if acc.is_main_process and error is not None:
+            _remove(tmp)
+        elif acc.is_main_process:
             try:
                 _fsync_tree(tmp)
                 marker = {"global_step": self.global_step, "num_processes": acc.num_processes}
