@@ -1,56 +1,127 @@
 """Multi-process training on the CPU: `torchrun --nproc_per_node 2 -m ddpmkit train` (gloo) gives one saved
-pipeline and the same weights on both processes."""
+pipeline and the same weights on both processes; killed (launcher and workers, SIGKILL) and resumed, it ends with the
+uninterrupted run's weights bit for bit."""
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import MICRO_UNET, write_images
 from safetensors.torch import load_file
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_train_one_pipeline_with_equal_weights(tmp_path):
-    write_images(tmp_path / "images", n=8, size=12)
-    (tmp_path / "micro.json").write_text(json.dumps(MICRO_UNET))
-    run = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _command(root: Path, run: Path, *extra) -> list[str]:
     # --standalone: a free local rendezvous port, so two test runs on one machine do not collide on 29500
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "ddpmkit", "train",
-               "--dataset", str(tmp_path / "images"), "--image_size", "8",
-               "--unet_config", str(tmp_path / "micro.json"), "--max_steps", "3", "--batch_size", "2", "--device", "cpu", "--num_sample_images", "4",
-               "--sample_steps", "2", "--output_dir", str(run)]
+    return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "ddpmkit", "train",
+            "--dataset", str(root / "images"), "--image_size", "8", "--unet_config", str(root / "micro.json"),
+            "--max_steps", "12", "--checkpointing_steps", "3", "--batch_size", "2", "--device", "cpu",
+            "--num_sample_images", "4", "--sample_steps", "2", "--output_dir", str(run), *extra]
+
+
+def _start(command: list[str]) -> subprocess.Popen:
     # its own session, so that a hang can be cleaned up: torchrun and both workers go with the process group
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
     try:
-        stdout, stderr = process.communicate(timeout=240)
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail("torchrun did not finish in 240 s (a worker hung at exit?):\n" + stderr[-3000:])
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        pytest.fail(f"torchrun did not finish in {timeout} s (a worker hung at exit?):\n" + stderr[-3000:])
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    return result
 
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "loss.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    write_images(root / "images", n=8, size=12)
+    (root / "micro.json").write_text(json.dumps(MICRO_UNET))
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root) -> tuple[Path, subprocess.CompletedProcess]:
+    run = root / "uninterrupted"
+    return run, _finish(_start(_command(root, run)))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_one_pipeline_with_equal_weights(uninterrupted):
+    run, result = uninterrupted
     assert [p.relative_to(run) for p in run.rglob("model_index.json")] == [Path("model_index.json")]
     state = json.loads((run / "train_state.json").read_text())
-    assert state["num_processes"] == 2 and state["global_step"] == 3
+    assert state["num_processes"] == 2 and state["global_step"] == 12
     checksums = state["weights_checksum_per_process"]
     assert len(checksums) == 2 and checksums[0] == checksums[1], checksums
     # the saved pipeline holds those weights
-    saved = load_file(str(run / "unet/diffusion_pytorch_model.safetensors"))
+    saved = load_file(str(run / WEIGHTS))
     total = sum(float(t.double().sum()) for t in saved.values())
     assert total == pytest.approx(checksums[0], rel=1e-5, abs=1e-3)
     # one process writes the log: each step once, the loss averaged over both processes
-    steps = [json.loads(line)["step"] for line in (run / "loss.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert _steps(run) == list(range(1, 13))
     # 8 images over 2 processes x batch 2: two micro-batches per process and epoch
     assert "2 process(es)" in result.stderr and "2 micro-batches of 2" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_killed_and_resumed_gives_the_uninterrupted_weights(root, uninterrupted):
+    reference, _ = uninterrupted
+    run = root / "killed"
+    command = _command(root, run, "--resume_from_checkpoint", "latest")
+    process = _start(command)
+    kill_after = random.Random().randint(4, 9)  # logged steps; the kill lands a little later
+    deadline = time.monotonic() + 240
+    while not ((run / "loss.jsonl").exists() and len(_steps(run)) >= kill_after
+               and list(run.glob("checkpoints/step_*/training_state.json"))):
+        assert process.poll() is None, f"the run ended before the kill:\n{process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the run to train"
+        time.sleep(0.005)
+    # a preempted machine: the launcher and both workers (each in its own session) die at once
+    for pid in [process.pid, *_children(process.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    reached = len(_steps(run))
+    assert reached < 12, "killed after the end"
+
+    result = _finish(_start(command))
+    assert "resumed from" in result.stderr, result.stderr[-3000:]
+    expected, got = load_file(str(reference / WEIGHTS)), load_file(str(run / WEIGHTS))
+    differ = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not differ, f"killed after {reached} logged steps: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert _steps(run) == list(range(1, 13)), "each step once in loss.jsonl"
+    losses = [json.loads(line)["loss"] for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert losses == [json.loads(line)["loss"] for line in (reference / "loss.jsonl").read_text().splitlines()]
