@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -107,106 +106,209 @@ def test_diffusers_flag_aliases_are_accepted():
 
 
 # ----------------------------------------------------------------------------- user errors
-# Each case runs `ddpmkit.cli.main(argv)` in a process forked from one that imported ddpmkit once: a real process
-# (its own exit code, its own stderr file descriptor, logging set up from scratch) without paying the imports
-# fifteen times. `test_user_errors_through_the_console_script` checks a case the slow, fully real way.
-FORK_SERVER = textwrap.dedent("""
-    import json, os, sys, traceback
-    import ddpmkit.cli, ddpmkit.trainer, ddpmkit.sampling, ddpmkit.plots, ddpmkit.models
-    print("ready", flush=True)
-    for line in sys.stdin:
-        argv, err_path = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            try:
-                code = ddpmkit.cli.main(argv)
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
-""")
-
-
-@pytest.fixture(scope="module")
-def cli_process(tmp_path_factory):
-    if not hasattr(os, "fork"):
-        pytest.skip("needs os.fork")
-    folder = tmp_path_factory.mktemp("errors")
-    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=ENV, cwd=folder)
-    assert server.stdout.readline().strip() == "ready"
-    counter = iter(range(10**6))
-
-    def run(*argv) -> tuple[int, str]:
-        err = folder / f"stderr_{next(counter)}.txt"
-        server.stdin.write(json.dumps([list(map(str, argv)), str(err)]) + "\n")
-        server.stdin.flush()
-        return json.loads(server.stdout.readline()), err.read_text()
-
-    yield run
-    server.stdin.close()
-    server.wait(timeout=60)
-    assert server.stderr.read() == "", "importing ddpmkit must print nothing"
-
-
+# Each case runs `ddpmkit.cli.main(argv)` in a process forked from one that imported ddpmkit once (conftest's
+# `forked_cli`): a real process (its own exit code, its own stderr, logging set up from scratch) without paying the
+# imports for each case. `test_user_errors_through_the_console_script` checks a case the slow, fully real way.
 def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
     """name -> (argv, a piece of the expected message). Everything but the mistake is valid."""
     train = ["train", "--dataset", w / "images", "--unet_config", w / "micro.json", *TINY_RUN,
              "--output_dir", w / "err_run"]
+    finetune = ["finetune", "--start_model", w / "plain", "--dataset", w / "images", "--image_size", 8, "--max_steps",
+                1, "--device", "cpu", "--output_dir", w / "err_ft"]
 
     def with_(*extra):
         return [*train, *extra]
 
+    def sample(model="plain", *extra):
+        return ["sample", "--model", w / model, "--steps", 2, "--num_images", 2, "--out", w / "s.png", *extra]
+
     return {
+        # train: data
         "missing dataset path": (with_("--dataset", w / "no/such/folder"), "does not exist"),
         "empty folder": (with_("--dataset", w / "empty"), "no images in folder"),
         "only broken images": (with_("--dataset", w / "broken"), "no readable image"),
+        "image column with an image folder": (with_("--image_column", "img"), "--image_column img has no effect"),
+        "image column that does not exist": (with_("--dataset", w / "data.parquet", "--image_column", "nosuch"),
+                                             "no column 'nosuch'"),
+        "label column that does not exist": (with_("--dataset", w / "data.parquet", "--class_column", "nosuch"),
+                                             "no label column 'nosuch'"),
+        "cache cap 0": (with_("--cache_max_gb", 0), "--cache_max_gb must be a positive number"),
+        # train: model and numbers
         "image size the UNet cannot take": (with_("--image_size", 9), "--image_size 9"),
+        "image size 0": (with_("--image_size", 0), "--image_size must be at least 1"),
         "unknown preset": (["train", "--dataset", w / "images", "--preset", "huge"], "unknown --preset 'huge'"),
         "unet_config missing": (with_("--unet_config", w / "nope.json"), "does not exist"),
         "unet_config invalid JSON": (with_("--unet_config", w / "bad.json"), "not valid JSON"),
+        "unet_config wrong type": (with_("--unet_config", w / "wrong_type.json"), "layers_per_block is 'two'"),
         "max_steps 0": (with_("--max_steps", 0), "--max_steps must be at least 1"),
+        "batch size 0": (with_("--batch_size", 0), "--batch_size must be at least 1"),
+        "negative batch size": (with_("--batch_size", -4), "--batch_size must be at least 1"),
+        "num_epochs negative": (with_("--num_epochs", -1), "--num_epochs must be at least 1"),
+        "lr 0": (with_("--lr", 0), "--lr must be a positive number"),
+        "accumulation 0": (with_("--grad_accumulation_steps", 0), "--grad_accumulation_steps must be at least 1"),
+        "checkpoint limit 0": (with_("--checkpoints_total_limit", 0), "--checkpoints_total_limit must be at least 1"),
+        "skip_nonfinite negative": (with_("--skip_nonfinite", -1), "--skip_nonfinite must be 0 or more"),
+        "max_grad_norm negative": (with_("--max_grad_norm", -1), "--max_grad_norm must be 0"),
+        "cond_drop_prob 1.5": (with_("--cond_drop_prob", 1.5), "--cond_drop_prob must be in [0, 1)"),
+        "channels 2": (with_("--channels", 2), "--channels"),
+        "unknown lr scheduler": (with_("--lr_scheduler", "zigzag"), "--lr_scheduler"),
         "mixed precision value": (with_("--mixed_precision", "fp8"), "--mixed_precision"),
         "fp16 on the CPU": (with_("--mixed_precision", "fp16"), "fp16 needs a GPU"),
+        "cuda without a GPU": (with_("--device", "cuda"), "no CUDA GPU"),
+        "push without a repo id": (with_("--push_to_hub"), "--push_to_hub needs --hub_model_id"),
+        # train: output and checkpoints (the output folder is checked before the data: this dataset does not exist)
+        "output folder under a file": (with_("--dataset", w / "no/such/folder", "--output_dir", w / "a_file/run"),
+                                       "cannot write to --output_dir"),
         "not a checkpoint": (with_("--resume_from_checkpoint", w / "images"), "not a ddpmkit checkpoint"),
-        "model path missing": (["sample", "--model", w / "no_model", "--out", w / "s.png"], "does not exist"),
-        "model folder not a pipeline": (["sample", "--model", w / "images", "--out", w / "s.png"],
-                                        "not a diffusion pipeline folder"),
-        "unknown scheduler": (["sample", "--model", w / "plain", "--scheduler", "nonesuch", "--out", w / "s.png"],
-                              "nonesuch"),
-        "out not an image": (["sample", "--model", w / "plain", "--out", w / "samples.txt"], "--out"),
+        "incomplete checkpoint": (with_("--resume_from_checkpoint", w / "ckpt/.tmp_step_0000004"),
+                                  "incomplete checkpoint"),
         "unknown flag": (["train", "--no_such_flag", "1"], "--no_such_flag"),
+        # finetune
+        "finetune without a model": (["finetune", "--dataset", w / "images"], "--start_model"),
+        "finetune model missing": ([*finetune, "--start_model", w / "no_model"], "does not exist"),
+        "finetune model not a pipeline": ([*finetune, "--start_model", w / "images"], "not a diffusion pipeline"),
+        "finetune size the UNet cannot take": ([*finetune, "--image_size", 9], "--image_size 9"),
+        "finetune channels differ": ([*finetune, "--channels", 1], "use --channels 3"),
+        "finetune prediction type change": ([*finetune, "--prediction_type", "v_prediction"], "cannot change"),
+        # sample: numbers
+        "steps 0": (sample("plain", "--steps", 0), "--steps must be at least 1"),
+        "negative steps": (sample("plain", "--steps", -5), "--steps must be at least 1"),
+        "num_images 0": (sample("plain", "--num_images", 0), "--num_images must be at least 1"),
+        "sample batch size 0": (sample("plain", "--batch_size", 0), "--batch_size must be at least 1"),
+        "scale 0": (sample("plain", "--scale", 0), "--scale must be at least 1"),
+        "negative trajectory": (sample("plain", "--trajectory", -1), "--trajectory must be at least 0"),
+        "guidance_every 0": (sample("plain", "--guide", "color:#BB2266", "--guidance_every", 0),
+                             "--guidance_every must be at least 1"),
+        # sample: names and specs
+        "unknown scheduler": (sample("plain", "--scheduler", "nonesuch"), "nonesuch"),
+        "unknown loss": (sample("plain", "--guide", "sharpness:5"), "--guide 'sharpness:5'"),
+        "malformed colour": (sample("plain", "--guide", "color:#GGHHII"), "'#GGHHII'"),
+        "guide without an argument": (sample("plain", "--guide", "color"), "--guide 'color'"),
+        "guide scale not a number": (sample("plain", "--guide", "color:#BB2266:lots"), "lots"),
+        "custom loss module missing": (sample("plain", "--loss", "no_such_module:f"), "no_such_module"),
+        "compare unknown scheduler": (sample("plain", "--compare", "ddim:4,bogus:2"), "unknown scheduler 'bogus'"),
+        "compare not name:steps": (sample("plain", "--compare", "ddim:four"), "is not NAME:STEPS"),
+        "option the scheduler does not take": (sample("plain", "--scheduler", "ddim", "--solver_order", 2),
+                                               "--solver_order does not apply to scheduler ddim"),
+        "karras for ddpm": (sample("plain", "--scheduler", "ddpm", "--karras"), "--karras does not apply"),
+        "eta for dpm++": (sample("plain", "--scheduler", "dpm++", "--eta", 0.5), "--eta applies to ddim only"),
+        "eta out of range": (sample("plain", "--scheduler", "ddim", "--eta", 2), "--eta must be between 0"),
+        "sample on cuda without a GPU": (sample("plain", "--device", "cuda"), "no CUDA GPU"),
+        # sample: model folders
+        "model path missing": (sample("no_model"), "does not exist"),
+        "model folder not a pipeline": (sample("images"), "not a diffusion pipeline folder"),
+        "folder without unet/": (sample("no_unet"), "it needs unet/ and scheduler/"),
+        "folder without model_index.json": (sample("no_index"), "no model_index.json"),
+        "unsupported pipeline class": (sample("sd_pipeline"), "'StableDiffusionPipeline' pipeline"),
+        "config with a missing field": (sample("missing_field"), "could not load the pipeline"),
+        "config with a wrong type": (sample("wrong_type"), "layers_per_block is 'two' (str)"),
+        "scheduler config with a wrong type": (sample("wrong_scheduler"), "num_train_timesteps is 'many' (str)"),
+        # sample: classes
+        "class label out of range": (sample("classes", "--class_label", 7), "--class_label 7 is out of range"),
+        "class name unknown": (sample("classes", "--class_label", "zebra"), "unknown --class_label 'zebra'"),
+        "class label to an unconditional model": (sample("plain", "--class_label", 0), "not class-conditioned"),
+        "cfg scale on an unconditional model": (sample("plain", "--cfg_scale", 3), "--cfg_scale needs"),
+        # sample: output
+        "out not an image": (["sample", "--model", w / "plain", "--out", w / "samples.txt"], "--out"),
+        "out is a folder": (["sample", "--model", w / "plain", "--out", w / "images.png"], "is a folder"),
+        # schedule, schedulers, the command itself
         "schedule out not an image": (["schedule", "--out", w / "plot.pdf"], "--out"),
+        "schedule model missing": (["schedule", "--model", w / "no_model", "--out", w / "p.png"], "does not exist"),
+        "schedule image size 0": (["schedule", "--image_size", 0, "--out", w / "p.png"],
+                                  "--image_size must be at least 1"),
+        "schedule dataset missing": (["schedule", "--dataset", w / "no/such", "--out", w / "p.png"], "does not exist"),
+        "schedule unknown beta schedule": (["schedule", "--beta_schedule", "cubic", "--out", w / "p.png"],
+                                           "--beta_schedule"),
+        "schedulers with an argument": (["schedulers", "--fast"], "--fast"),
+        "no subcommand": ([], "required"),
+        "unknown subcommand": (["trian"], "'trian'"),
     }
+
+
+def _valid_cases(w: Path) -> dict[str, list]:
+    """Unusual but valid: these must run (exit 0)."""
+    return {
+        "ddim with eta 0, one image": ["sample", "--model", w / "plain", "--scheduler", "ddim", "--eta", 0, "--steps",
+                                       2, "--num_images", 1, "--out", w / "ok1.png"],
+        "ddpm with eta 0 (no noise change)": ["sample", "--model", w / "plain", "--scheduler", "ddpm", "--eta", 0,
+                                              "--steps", 2, "--num_images", 2, "--batch_size", 1, "--out",
+                                              w / "ok2.png"],
+        "class 0 with cfg 0 (unconditional)": ["sample", "--model", w / "classes", "--class_label", 0, "--cfg_scale", 0,
+                                               "--steps", 2, "--num_images", 2, "--out", w / "ok3.png"],
+        "batch larger than the data, latest with no checkpoint": [
+            "train", "--dataset", w / "images", "--unet_config", w / "micro.json", *TINY_RUN, "--batch_size", 100,
+            "--max_steps", 1, "--resume_from_checkpoint", "latest", "--output_dir", w / "ok_run"],
+        "schedule of a saved model": ["schedule", "--model", w / "plain", "--out", w / "ok_schedule.png"],
+    }
+
+
+def _edit_json(path: Path, **changes) -> None:
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
 def error_inputs(workdir) -> Path:
-    (workdir / "empty").mkdir(exist_ok=True)
-    (workdir / "broken").mkdir(exist_ok=True)
-    (workdir / "broken" / "a.png").write_bytes(b"not a png")
-    (workdir / "broken" / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    (workdir / "bad.json").write_text("{layers_per_block: 1,")
-    return workdir
+    import shutil
+
+    import datasets
+
+    from conftest import make_micro_unet
+
+    w = workdir
+    (w / "empty").mkdir(exist_ok=True)
+    (w / "broken").mkdir(exist_ok=True)
+    (w / "broken" / "a.png").write_bytes(b"not a png")
+    (w / "broken" / "b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (w / "bad.json").write_text("{layers_per_block: 1,")
+    (w / "wrong_type.json").write_text(json.dumps({**MICRO_UNET, "layers_per_block": "two"}))
+    (w / "a_file").write_text("a file, not a folder")
+    (w / "images.png").mkdir(exist_ok=True)
+    (w / "ckpt" / ".tmp_step_0000004").mkdir(parents=True, exist_ok=True)
+    (w / "ckpt" / ".tmp_step_0000004" / "model.safetensors").write_bytes(b"")
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2, "label": [0, 1]},
+                               features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+                               ).to_parquet(str(w / "data.parquet"))
+    for name in ("no_unet", "no_index", "sd_pipeline", "missing_field", "wrong_type", "wrong_scheduler"):
+        shutil.copytree(w / "plain", w / name)
+    shutil.rmtree(w / "no_unet" / "unet")
+    (w / "no_index" / "model_index.json").unlink()
+    _edit_json(w / "sd_pipeline" / "model_index.json", _class_name="StableDiffusionPipeline")
+    _edit_json(w / "missing_field" / "unet" / "config.json", block_out_channels=None)
+    _edit_json(w / "wrong_type" / "unet" / "config.json", layers_per_block="two")
+    _edit_json(w / "wrong_scheduler" / "scheduler" / "scheduler_config.json", num_train_timesteps="many")
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=make_micro_unet(8, num_class_embeds=4), scheduler=DDPMScheduler()).save_pretrained(w / "classes")
+    (w / "classes" / "ddpmkit.json").write_text(json.dumps({"class_names": ["cat", "dog", "owl"], "null_class": 3}))
+    return w
 
 
-@pytest.mark.parametrize("case", list(_error_cases(Path("."))))
-def test_user_error_is_one_line_and_exit_code_2(cli_process, error_inputs, case):
+ERROR_CASES = list(_error_cases(Path(".")))
+assert len(ERROR_CASES) >= 40
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_user_error_is_one_line_and_exit_code_2(forked_cli, error_inputs, case):
     argv, expected = _error_cases(error_inputs)[case]
-    code, stderr = cli_process(*argv)
+    code, stderr = forked_cli.run(*argv)
     lines = stderr.splitlines()
     assert code == 2, f"exit code {code}; stderr:\n{stderr}"
     assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
     assert lines[0].startswith("ddpmkit: error: ") and expected in lines[0], lines[0]
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("case", list(_valid_cases(Path("."))))
+def test_unusual_but_valid_invocations_run(forked_cli, error_inputs, case):
+    code, stderr = forked_cli.run("-q", *_valid_cases(error_inputs)[case])
+    assert code == 0, stderr
+    assert "error" not in stderr.lower(), stderr
 
 
 @pytest.mark.parametrize("case", ["only broken images"])  # a warning used to come first here

@@ -60,6 +60,12 @@ def downsampling_factor(config: dict) -> int:
     return 2 ** (len(config.get("block_out_channels", (224, 448, 672, 896))) - 1)
 
 
+def check_unet_config(config: dict, image_size: int, where: str = "the UNet config") -> None:
+    """What can be checked of a UNet2DModel config before building it: the value types, and that image_size fits."""
+    _check_types(config, UNet2DModel, where)
+    check_image_size(config, image_size)
+
+
 def check_image_size(config: dict, image_size: int) -> None:
     factor = downsampling_factor(config)
     if image_size % factor:
@@ -93,6 +99,8 @@ def build_unet(preset: str = "tiny", image_size: int = 32, channels: int = 3, un
     if num_class_embeds is not None:
         config["num_class_embeds"] = num_class_embeds
     check_image_size(config, image_size)
+    _check_types(config, UNet2DModel, "the UNet config" if unet_config is None or isinstance(unet_config, dict)
+                 else f"--unet_config {unet_config}")
     try:
         return UNet2DModel(**config)
     except (TypeError, ValueError) as err:
@@ -123,7 +131,7 @@ def _read_config(path: Path, name: str) -> dict:
     return config
 
 
-def _check_types(config: dict, cls, path: Path) -> None:
+def _check_types(config: dict, cls, path: Path | str) -> None:
     """Each value of a config has the type of the class's default for it (a wrong type fails here, in one line)."""
     import inspect
 

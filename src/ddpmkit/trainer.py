@@ -33,7 +33,8 @@ from ddpmkit.config import TrainConfig, make_config
 from ddpmkit.data import ImageData, ShuffledBatches, derive_seed, load_image_data
 from ddpmkit.errors import Interrupted, UserError
 from ddpmkit.images import bars_enabled, plot_loss_curve, save_grid
-from ddpmkit.models import build_unet, check_image_size, load_pipeline, new_noise_scheduler, unet_config_for
+from ddpmkit.models import (build_unet, check_image_size, check_unet_config, load_pipeline, new_noise_scheduler,
+                            unet_config_for)
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.pipeline_dir = self.output_dir / config.model_save_name if config.model_save_name else self.output_dir
         check_writable(self.output_dir)  # before the data is read or the model built
-        if not config.init_from:  # fail on a bad size before spending time on the data
-            check_image_size(unet_config_for(config.preset, config.unet_config), config.image_size)
+        if not config.init_from:  # fail on a bad config or size before spending time on the data
+            check_unet_config(unet_config_for(config.preset, config.unet_config), config.image_size,
+                              f"--unet_config {config.unet_config}" if config.unet_config else "the UNet config")
         if config.resume_from_checkpoint not in (None, "latest"):  # a wrong folder fails before the data is read
             self._checkpoint_to_resume()
         self.accelerator = self._make_accelerator()
@@ -121,21 +123,22 @@ class Trainer:
         return data
 
     def _load_pretrained(self):
+        c = self.config
         with self.accelerator.main_process_first():  # one download for all processes
-            pipe = load_pipeline(self.config.init_from)
-        check_image_size(dict(pipe.unet.config), self.config.image_size)
+            pipe = load_pipeline(c.init_from)
+        check_image_size(dict(pipe.unet.config), c.image_size)
+        if c.prediction_type and c.prediction_type != pipe.scheduler.config.prediction_type:
+            raise UserError(f"the pretrained model predicts {pipe.scheduler.config.prediction_type}; "
+                            "a fine-tune cannot change --prediction_type")
+        if pipe.unet.config.in_channels != c.channels:
+            raise UserError(f"the pretrained model has {pipe.unet.config.in_channels} channels: use --channels "
+                            f"{pipe.unet.config.in_channels}")
         return pipe
 
     def _build_model(self):
         c = self.config
         if c.init_from:
             unet, noise_scheduler = self.pretrained.unet, self.pretrained.scheduler
-            if c.prediction_type and c.prediction_type != noise_scheduler.config.prediction_type:
-                raise UserError(f"the pretrained model predicts {noise_scheduler.config.prediction_type}; "
-                                "a fine-tune cannot change --prediction_type")
-            if unet.config.in_channels != c.channels:
-                raise UserError(f"the pretrained model has {unet.config.in_channels} channels: use --channels "
-                                f"{unet.config.in_channels}")
             if unet.config.sample_size != c.image_size:
                 logger.info("fine-tuning at %dx%d a model pretrained at %s: the UNet is convolutional, so it "
                             "takes any multiple of its downsampling factor; samples use the new size",
