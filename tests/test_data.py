@@ -282,3 +282,59 @@ def test_disk_cache_round_trip(tmp_path, image_folder, monkeypatch, caplog):
     monkeypatch.undo()
     third = load_image_data(str(image_folder), 16, cache_dir=str(cache))
     assert len(third) == 13 and third.images[-1, :, 0, 0].tolist() == [1, 2, 3]  # more/new.png sorts last
+
+
+# ----------------------------------------------------------------------------- training batches
+def test_shuffled_batches_shard_each_epoch_and_resume_from_their_state(image_folder):
+    from ddpmkit.data import ShuffledBatches
+
+    data = load_image_data(str(image_folder), 8)  # 12 images
+    shards = [ShuffledBatches(data, 4, seed=5, world_size=2, rank=r, random_flip=False) for r in range(2)]
+    assert [len(s) for s in shards] == [2, 2]  # 6 images each: batches of 4 and 2
+    for epoch in range(2):
+        orders = [s.order(epoch) for s in shards]
+        assert sorted(torch.cat(orders).tolist()) == list(range(12)), "the two processes split the epoch"
+    assert not torch.equal(shards[0].order(0), shards[0].order(1)), "a new order each epoch"
+    assert torch.equal(shards[0].order(3), ShuffledBatches(data, 4, seed=5, world_size=2).order(3))
+
+    odd = ShuffledBatches(load_image_data(str(image_folder), 8, max_images=5), 2, seed=0, world_size=2, rank=1)
+    assert len(odd.order(0)) == 3 and len(odd) == 2  # 5 images padded to 6 by wrapping: same batch count everywhere
+
+    batches = ShuffledBatches(data, 5, seed=1)  # with flips
+    stream = iter(batches)
+    for _ in range(4):  # into the second epoch (3 batches per epoch)
+        next(stream)
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in batches.state_dict().items()}
+    expected = [next(stream) for _ in range(4)]
+    resumed = ShuffledBatches(data, 5, seed=1)
+    resumed.load_state_dict(state)
+    got = [b for b, _ in zip(resumed, range(4))]
+    assert all(torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+               for a, b in zip(expected, got))
+
+
+def test_cache_cap_decodes_from_disk_and_gives_the_same_batches(image_folder, caplog, tmp_path):
+    from ddpmkit.data import DiskImages, ShuffledBatches
+    from ddpmkit.trainer import train
+
+    full = load_image_data(str(image_folder), 16)
+    with caplog.at_level(logging.WARNING, logger="ddpmkit"):
+        capped = load_image_data(str(image_folder), 16, cache_max_gb=1e-6)  # 1 kB: the 12 images take 9 kB
+    assert isinstance(capped.images, DiskImages) and capped.images.shape == full.images.shape
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "over --cache_max_gb 1e-06" in warnings[0]
+    assert torch.equal(capped.images[3], full.images[3]) and torch.equal(capped.images[2:5], full.images[2:5])
+    a, b = ShuffledBatches(full, 5, seed=3), ShuffledBatches(capped, 5, seed=3)
+    for x, y, _ in zip(a, b, range(7)):  # over two epochs
+        assert torch.equal(x["images"], y["images"])
+
+    def run(name, **extra):
+        return train(dataset=str(image_folder), preset="micro", image_size=8, batch_size=5, max_steps=3,
+                     device="cpu", num_sample_images=2, sample_steps=1, output_dir=str(tmp_path / name), **extra)
+
+    from safetensors.torch import load_file
+
+    plain, small = run("plain"), run("capped", cache_max_gb=1e-6)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    expected, got = load_file(str(plain / weights)), load_file(str(small / weights))
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "same images, same order: same weights"
