@@ -22,10 +22,10 @@ logger = logging.getLogger(__name__)
 TAGS = ["diffusers", "unconditional-image-generation", "ddpmkit", "diffusion-models-class"]
 LICENSE = "apache-2.0"  # the license of google/ddpm-* and of diffusers itself
 # Not uploaded: training state, tracker files and intermediate pipelines (as diffusers' train_unconditional.py).
-IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "wandb/*", "step_*", "step_*/*", ".tmp*", "*/.tmp*"]
+IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "wandb/*", "step_*", "step_*/*", ".tmp*", "*/.tmp*", ".old_*", ".del_*"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # Flags left out of the reconstructed command: they say how a run restarted, not how the model was made.
-NOT_IN_COMMAND = ("resume_from_checkpoint",)
+NOT_IN_COMMAND = ("resume_from_checkpoint", "cache_max_gb")
 # Hyperparameters shown in the card's table, in this order.
 TABLE_FIELDS = ("dataset", "split", "image_size", "channels", "batch_size", "grad_accumulation_steps", "lr",
                 "lr_scheduler", "lr_warmup_steps", "num_epochs", "max_steps", "adam_weight_decay", "max_grad_norm",
