@@ -98,9 +98,11 @@ def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(ima
     assert list(checkpoints.glob("step_*/training_state.json")), f"killed at step {reached}: no checkpoint yet?"
 
     # 2. inside a checkpoint write: accelerate has written model.safetensors, not yet optimizer.bin
+    before = sorted(checkpoints.glob("step_*"))
     pid = cli.start(*args, pause_at="torch.save:.tmp_step_", paused=paused)
     _wait_for(paused.exists, cli, pid, "the pause inside a checkpoint write")
     _kill(cli, pid)
+    assert sorted(checkpoints.glob("step_*")) == before, "no complete checkpoint deleted before the new one is done"
     partial = sorted(checkpoints.glob(".tmp_step_*"))
     assert len(partial) == 1 and (partial[0] / "model.safetensors").exists()
     assert not (partial[0] / "optimizer.bin").exists() and not (partial[0] / "training_state.json").exists()

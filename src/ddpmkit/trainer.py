@@ -164,6 +164,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
+        from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
@@ -173,8 +174,7 @@ class Trainer:
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
                             power=3 / 4, model_cls=type(self.unet), model_config=self.unet.config) if c.use_ema else None
         self.unet, optimizer = acc.prepare(self.unet, optimizer)
-        seed = self.seed
-        self.batches = ShuffledBatches(self.data, c.batch_size, seed, c.random_flip, acc.device, acc.process_index,
+        self.batches = ShuffledBatches(self.data, c.batch_size, self.seed, c.random_flip, acc.device, acc.process_index,
                                        acc.num_processes)
         self.total_steps = self._total_steps(len(self.batches))
         self.lr_scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps,
@@ -184,12 +184,10 @@ class Trainer:
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
         self.optimizer = optimizer
-        from accelerate.utils import set_seed
-
-        set_seed(derive_seed(seed, acc.process_index, 3) % 2**32)  # the global generators (dropout): restored on resume
+        set_seed(derive_seed(self.seed, acc.process_index, 3) % 2**32)  # global generators (dropout); a resume restores them
         self._resume()
         if acc.is_main_process:
-            c.save(self.output_dir / "train_config.json")
+            _write_atomic(self.output_dir / "train_config.json", json.dumps(c.to_dict(), indent=2) + "\n")
             if self.global_step == 0:  # a fresh run in an old folder starts a new loss log (a resume keeps it)
                 self.loss_log.unlink(missing_ok=True)
         acc.init_trackers(c.wandb_project or "ddpmkit", config=_flat(c.to_dict()),
@@ -285,10 +283,12 @@ class Trainer:
 
         One gather for both, so that every process stops after the same step.
         """
-        acc = self.accelerator
-        flag = torch.tensor([float(self.stop_signal)], device=acc.device)
-        values = acc.gather(torch.cat([torch.stack(self.micro_losses).float(), flag])).view(acc.num_processes, -1).cpu()
+        acc, losses = self.accelerator, torch.stack(self.micro_losses).float()
         self.micro_losses = []
+        if acc.num_processes == 1:
+            return losses.mean().item(), self.stop_signal
+        flag = torch.tensor([float(self.stop_signal)], device=acc.device)
+        values = acc.gather(torch.cat([losses, flag])).view(acc.num_processes, -1).cpu()
         return values[:, :-1].mean().item(), int(values[:, -1].max().item())
 
     def _all_finite(self) -> bool:
