@@ -123,6 +123,7 @@ def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(ima
     code, stderr = cli.run(*args)
     assert code == 0, stderr[-3000:]
     assert "resumed from" in stderr and "at step 20" in stderr
+    assert f"ignoring {run}: an incomplete pipeline" in stderr, stderr[-2000:]
 
     expected, got = load_file(str(uninterrupted / WEIGHTS)), load_file(str(run / WEIGHTS))
     assert expected.keys() == got.keys()

@@ -243,6 +243,8 @@ def test_checkpoint_and_resume_latest_continues_at_the_right_step(tmp_path, monk
     assert json.loads((checkpoint / "training_state.json").read_text()) == {"global_step": 2, "num_processes": 1}
     first_log = (run_dir / "loss.jsonl").read_text().splitlines()
     uninterrupted = _weights(run_dir)
+    with (run_dir / "loss.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by a kill: left out on resume
 
     resumed_weights = []
     original_run_step = Trainer.run_step

@@ -47,7 +47,8 @@ def train(config: TrainConfig | None = None, data: ImageData | None = None, **ov
     """Train (or fine-tune) a diffusion UNet and save a DDPMPipeline folder; returns its path.
 
     `ddpmkit.train(dataset="emoji", image_size=32, max_steps=2000, output_dir="runs/emoji32")`.
-    Pass `data` to train on images already in memory (an `ImageData`).
+    Pass `data` to train on images already in memory (an `ImageData`). SIGINT/SIGTERM (in the main thread) save a
+    checkpoint and raise `ddpmkit.errors.Interrupted`; a mistake in the input or a failed save raises `UserError`.
     """
     if config is None:
         config = make_config(TrainConfig, overrides)
@@ -200,7 +201,7 @@ class Trainer:
         started, images_seen = time.perf_counter(), 0
         self.micro_losses, self.skipping = [], False
         batches = iter(self.batches)
-        with self._stop_on_signals():
+        with self._stop_on_signals(), bar:
             while self.global_step < self.total_steps:
                 batch = next(batches)
                 self.run_step(batch)
@@ -222,7 +223,6 @@ class Trainer:
                 if stop and self.global_step < self.total_steps:
                     bar.close()
                     self._stop(stop)
-        bar.close()
         acc.wait_for_everyone()
         final = self.save(self.pipeline_dir)
         self._finish()
@@ -540,6 +540,9 @@ class Trainer:
             if self.accelerator.is_main_process:
                 for partial in sorted(set(root.glob("*step_*")) - set(complete)):
                     logger.warning("ignoring %s: an incomplete checkpoint (its save was interrupted)", partial)
+                for partial in _incomplete_pipelines(self.pipeline_dir):
+                    logger.warning("ignoring %s: an incomplete pipeline (its save was interrupted); it is saved "
+                                   "again when the run gets there", partial)
             if not complete:
                 logger.info("no checkpoint in %s yet: starting a new run", root)
                 return None
@@ -631,6 +634,13 @@ def _complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     found = [p for p in root.glob("step_*") if (p / CHECKPOINT_MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else -1)
+
+
+def _incomplete_pipelines(folder: Path) -> list[Path]:
+    """Pipeline folders a kill left half-written: staging folders, and folders with unet/ but no model_index.json."""
+    candidates = [folder, *folder.glob("step_*")] if folder.is_dir() else []
+    found = [p for p in candidates if (p / "unet").is_dir() and not (p / "model_index.json").exists()]
+    return sorted(found + [p for p in [*folder.glob(".tmp_*"), *folder.parent.glob(f".tmp_{folder.name}")] if p.is_dir()])
 
 
 def _read_log(path: Path) -> list[dict]:
