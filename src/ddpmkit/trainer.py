@@ -506,7 +506,8 @@ class Trainer:
         complete = [p for p in _complete_checkpoints(root) if p != newest]
         for old in complete[:max(0, len(complete) - (self.config.checkpoints_total_limit - 1))]:
             _remove(old)
-        for leftover in root.glob(".tmp_step_*"):  # left by killed runs; never the one being written (it is renamed)
+        # left by killed runs: unfinished checkpoints (the new one has its final name by now) and unfinished deletions
+        for leftover in [*root.glob(".tmp_step_*"), *root.glob(".del_*")]:
             _remove(leftover)
 
     def _agree(self, error: Exception | None) -> Exception | None:
