@@ -110,6 +110,7 @@ print(json.dumps({"results": results, "events": events}))
 """
 
 
+@pytest.mark.slow  # a fresh process (~10 s of imports)
 def test_config_keys_and_types_cannot_import_a_module_or_open_a_path_outside_the_folder(tmp_path):
     """Unexpected keys and values in model_index.json, unet/config.json and scheduler_config.json naming modules
     (in the folder and on sys.path) and paths outside the folder: loading, watched by an audit hook in a fresh

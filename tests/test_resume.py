@@ -82,6 +82,7 @@ def uninterrupted(images, forked_cli, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(images, uninterrupted, forked_cli,
                                                                              tmp_path):
     cli, run, paused = forked_cli, tmp_path / "run", tmp_path / "paused"
