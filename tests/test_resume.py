@@ -261,3 +261,18 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path, monkeypatch):
     _poison(monkeypatch, {2, 3, 4})
     with pytest.raises(UserError, match="the loss became nan at step 4 .after 2 skipped step"):
         train(_nan_config(tmp_path, skip_nonfinite=2, output_dir=str(tmp_path / "third")), data=_random_data())
+
+
+def test_resume_with_another_number_of_processes_says_it_is_not_exact(tmp_path, caplog):
+    import logging
+
+    from ddpmkit.trainer import train
+
+    config = _nan_config(tmp_path, max_steps=4)
+    train(config, data=_random_data())
+    marker = tmp_path / "run" / "checkpoints" / "step_0000002" / "training_state.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "num_processes": 2}))  # as if from torchrun
+    with caplog.at_level(logging.INFO, logger="ddpmkit"):
+        train(_nan_config(tmp_path, max_steps=4, resume_from_checkpoint="latest"), data=_random_data())
+    assert "written by 2 process(es), this run has 1" in caplog.text and "not exactly the one" in caplog.text
+    assert "resumed from" in caplog.text and "(epoch 1, batch 0 of 2)" in caplog.text  # 8 images, batches of 4
