@@ -56,8 +56,9 @@ def throughput(extractor: ev.InceptionFeatures, images: torch.Tensor, repeats: i
         full.append(images.shape[0] / (time.perf_counter() - t))
     ratios = [f / n for f, n in zip(full, net)]
     stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
-    return {"batch": images.shape[0], "network_img_s": stat(net), "extractor_img_s": stat(full),
-            "ratio": stat(ratios)}
+    return {"batch": images.shape[0], "repeats": repeats, "network_img_s": stat(net), "extractor_img_s": stat(full),
+            "ratio": stat(ratios), "cpu": cpu_name(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def main(argv=None) -> int:
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--counts", default="250,500,1000,2000")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--skip_throughput", action="store_true",
+                        help="keep the throughput figures of the previous results file (the floors only)")
     parser.add_argument("--no_ship", action="store_true", help="do not write src/ddpmkit/eval_floors.json")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_floors"))
     args = parser.parse_args(argv)
@@ -77,7 +80,11 @@ def main(argv=None) -> int:
     largest = counts[-1]
     halves = [ev.dataset_images(args.dataset, args.image_size, 3, largest, split_fraction=0.5, part=p)
               for p in ("a", "b")]
-    tp = throughput(extractor, halves[0].images[:50], args.repeats)
+    previous = Path(args.out).with_suffix(".json")
+    if args.skip_throughput and previous.exists():
+        tp = json.loads(previous.read_text())["throughput"]
+    else:
+        tp = throughput(extractor, halves[0].images[:50], args.repeats)
     print(f"throughput: network {tp['network_img_s']['median']:.2f} img/s, extractor "
           f"{tp['extractor_img_s']['median']:.2f} img/s, ratio {tp['ratio']['median']:.3f}", flush=True)
 
@@ -122,7 +129,8 @@ def main(argv=None) -> int:
     lines += [f"| {r['count']} | {r['fid']:.2f} | {r['kid_mean']:.5f} ± {r['kid_std']:.5f} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} |" for r in rows]
     t = tp
-    lines += ["", f"Feature extraction, batch {t['batch']} (median of {args.repeats} interleaved repeats, min-max):", "",
+    lines += ["", f"KID: 100 subsets of min(1000, N/2) images a side. Feature extraction, batch {t['batch']} "
+              f"(median of {t.get('repeats', args.repeats)} interleaved repeats, min-max; measured {t.get('date', date)}):", "",
               "| | images/s |", "|---|---:|",
               f"| network forward alone (prepared 299x299 batch) | {t['network_img_s']['median']:.2f} "
               f"({t['network_img_s']['min']:.2f}-{t['network_img_s']['max']:.2f}) |",

@@ -185,10 +185,12 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
 def kid_from_features(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
                       seed: int = 0) -> tuple[float, float]:
     """KID: unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, mean and std over random subsets
-    of `subset_size` (as torchmetrics and the paper). Up to 5,000 images a side the three kernel matrices are
-    computed once and each subset is a gather."""
+    (Binkowski et al. 2018; 100 subsets of 1,000 as torchmetrics). A subset takes at most half the smaller
+    side, so that the subsets differ and the std says how much the figure moves; the mean is unbiased at any
+    subset size. Up to 5,000 images a side the three kernel matrices are computed once and each subset is a
+    gather."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    m = min(subset_size, real.shape[0], fake.shape[0])
+    m = min(subset_size, max(min(real.shape[0], fake.shape[0]) // 2, 2))
     if m < 2:
         raise UserError("KID needs at least 2 images on each side")
     d = real.shape[1]
@@ -336,7 +338,8 @@ def folder_images(folder: str | Path, image_size: int | None = None, channels: i
         else:
             raise UserError(f"no readable image in folder {folder}")
     data = load_image_data(str(path), image_size, channels, max_images=count)
-    return ImageSet(data.images, None, None, {"images": str(path), "image_size": image_size, "count": len(data),
+    images = data.images if torch.is_tensor(data.images) else data.images[:]  # over --cache_max_gb: decode now
+    return ImageSet(images, None, None, {"images": str(path), "image_size": image_size, "count": len(data),
                                               "skipped": data.skipped})
 
 
@@ -475,9 +478,15 @@ class EvalResult:
         floor = self.floor
         ref = self.settings.get("reference", {})
         what = f"{ref.get('dataset', 'reference')}, {ref.get('image_size')}x{ref.get('image_size')}"
-        fid_floor = (f"   (floor {floor['fid']:.2f}: two disjoint samples of {ref.get('dataset')} at "
-                     f"{floor['count']} images)" if floor else "   (floor: not known for this dataset, size and "
-                     "count; measure it with --floor)")
+        if self.settings.get("is_floor"):
+            fid_floor = (f"   (this is the floor: two disjoint samples of {ref.get('dataset')}; recorded for later "
+                         f"runs at {self.num_generated} images)")
+        elif floor:
+            fid_floor = f"   (floor {floor['fid']:.2f}: two disjoint samples of {ref.get('dataset')} at {floor['count']} images)"
+        elif self.settings.get("model", {}).get("class_labels") and "class" in ref:
+            fid_floor = "   (one class: no floor)"
+        else:
+            fid_floor = "   (floor: not known for this dataset, size and count; measure it with --floor)"
         kid_floor = f"   (floor {floor['kid_mean']:.5f})" if floor else ""
         out = [f"FID        {self.fid:.3f}{fid_floor}",
                f"KID        {self.kid_mean:.5f} ± {self.kid_std:.5f}{kid_floor}",
