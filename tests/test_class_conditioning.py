@@ -94,7 +94,7 @@ def test_cfg_is_one_batched_unet_call_per_step(toy_model):
                                                with_kwargs=True)
     try:
         out = sample(pipe, "dpm++", steps=6, num_images=3, seed=0, class_labels=[0, 1, 0], cfg_scale=2.5,
-                     progress=False)
+                     progress=False, dtype="fp32", batch_size=3)  # nothing measured; 3 images = 6 UNet rows
     finally:
         hook.remove()
     assert batches == [6] * 6 and out.nfe == 6  # cond and uncond halves share each call

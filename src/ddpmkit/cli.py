@@ -87,7 +87,14 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_images", type=int, default=None,
                    help="images to generate (default: 16; a class-conditioned model without --class_label: "
                         "images per class row, default 8)")
-    p.add_argument("--batch_size", type=int, default=None, help="images per UNet batch (default: all at once)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per UNet call (default: the fastest measured on this device, once, and cached); "
+                        "the images do not depend on it")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the UNet's precision: auto takes bf16 only where the hardware has it natively and it is "
+                        "measured faster, else fp32 (logged); fp32 gives DDPMPipeline's images exactly (default: auto)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format for the UNet (default: where measured faster; off with --dtype fp32)")
     p.add_argument("--seed", type=int, default=0, help="torch.Generator('cpu').manual_seed(SEED), as DDPMPipeline uses it")
     p.add_argument("--out", default="samples.png", help="output grid PNG (default: samples.png)")
     p.add_argument("--save_individual", action="store_true", help="also save each image beside the grid")
@@ -185,12 +192,13 @@ def cmd_sample(args) -> int:
     num_images = len(labels) if class_rows else (args.num_images or 16)
     options = dict(eta=args.eta, karras=args.karras, timestep_spacing=args.timestep_spacing,
                    solver_order=args.solver_order)
+    speed = dict(dtype=args.dtype, channels_last=args.channels_last)
     conditioning = dict(guidance=guidance, class_labels=labels, cfg_scale=args.cfg_scale)
     if args.compare:
         rows, row_labels = [], []
         for name, steps in parse_compare(args.compare):
             result = sample(pipe, scheduler=name, steps=steps, num_images=num_images, batch_size=args.batch_size,
-                            seed=args.seed, **conditioning, **(options if name == args.scheduler else {}))
+                            seed=args.seed, **conditioning, **speed, **(options if name == args.scheduler else {}))
             rows.append(result.images)
             row_labels.append(f"{name} {steps} ({result.nfe} calls)")
             log.info("%s, %d steps: %d UNet calls", name, steps, result.nfe)
@@ -199,7 +207,7 @@ def cmd_sample(args) -> int:
         return 0
     result = sample(pipe, scheduler=args.scheduler, steps=args.steps, num_images=num_images,
                     batch_size=args.batch_size, seed=args.seed, trajectory_every=args.trajectory, **conditioning,
-                    **options)
+                    **options, **speed)
     if class_rows:
         labelled_rows(list(result.images.split(len(labels) // len(class_rows))), class_rows, out, scale=args.scale)
     else:

@@ -1,7 +1,9 @@
 """The one sampling loop: noise x_T -> (unet -> guidance -> scheduler.step) per timestep -> x_0.
 
-Every scheduler, loss guidance and classifier-free guidance go through `denoise`. With the DDPM
-scheduler, one batch and float32 it reproduces `DDPMPipeline.__call__` exactly for the same seed.
+Every scheduler, loss guidance and classifier-free guidance go through `denoise`. The scheduler sees
+all images at once; only the UNet is called in micro-batches (`tuning.choose`: the fastest size on this
+device, measured once), so the images do not depend on the micro-batch. With the DDPM scheduler and
+`dtype="fp32"` it reproduces `DDPMPipeline.__call__` exactly for the same seed.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
 from ddpmkit.schedulers import AUTO, SIGMA_MAX, default_steps, make_scheduler, resolve_auto, set_timesteps, step_kwargs
+from ddpmkit.tuning import choose, unet_for_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +35,10 @@ class SampleOutput:
     """Images in [-1, 1] on the CPU, and what happened on the way."""
 
     images: torch.Tensor
-    nfe: int  # UNet calls per image (a CFG call counts once: the two halves share one batched call)
+    nfe: int  # UNet evaluations per image (a CFG pair counts once: the two halves share one batched call)
     timesteps: list[float] = field(default_factory=list)
     trajectory: list[dict] = field(default_factory=list)  # {"step", "t", "sample", "pred_original_sample"}
-    guidance_losses: list[list] = field(default_factory=list)  # per batch, per guided step
+    guidance_losses: list[list] = field(default_factory=list)  # [[one record per guided step]]
 
 
 def _alpha_bar_and_vp_sample(scheduler, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,24 +75,38 @@ def predicted_x0(scheduler, model_output: torch.Tensor, x: torch.Tensor, t: torc
     raise UserError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
 
 
-def model_fn(unet, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0) -> Callable:
+def model_fn(unet, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0, batch_size: int | None = None,
+             channels_last: bool = False) -> Callable:
     """x (already scaled by `scale_model_input`), t -> model output, with classifier-free guidance.
 
     CFG (Ho & Salimans 2022): out = uncond + w * (cond - uncond), both halves in one batched call.
     w = 1 is plain conditional sampling and w = 0 unconditional; both skip the second half.
+    The UNet runs in its own dtype on `batch_size` rows at a time (a CFG pair counts two); the output is
+    in x's dtype. Without gradients it runs under `torch.inference_mode`.
     """
-    null_label = (unet.config.num_class_embeds or 1) - 1
+    null_label = (getattr(unet.config, "num_class_embeds", None) or 1) - 1
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    unet_dtype = getattr(unet, "dtype", None)  # None: an analytic stand-in, called in x's dtype
+
+    def call(model_input: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        rows = batch_size or model_input.shape[0]
+        inputs = model_input.to(unet_dtype or model_input.dtype).contiguous(memory_format=memory_format)
+        with torch.inference_mode(not torch.is_grad_enabled()):
+            outputs = [unet(inputs[i:i + rows], t, class_labels=None if labels is None else labels[i:i + rows]).sample
+                       for i in range(0, inputs.shape[0], rows)]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return out.to(model_input.dtype)
 
     def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if class_labels is None:
-            return unet(model_input, t).sample
+            return call(model_input, t, None)
         labels = class_labels.to(model_input.device)
         if cfg_scale == 1.0:
-            return unet(model_input, t, class_labels=labels).sample
+            return call(model_input, t, labels)
         null = torch.full_like(labels, null_label)
         if cfg_scale == 0.0:
-            return unet(model_input, t, class_labels=null).sample
-        both = unet(torch.cat([model_input, model_input]), t, class_labels=torch.cat([labels, null])).sample
+            return call(model_input, t, null)
+        both = call(torch.cat([model_input, model_input]), t, torch.cat([labels, null]))
         cond, uncond = both.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
@@ -100,13 +117,15 @@ def model_fn(unet, class_labels: torch.Tensor | None = None, cfg_scale: float = 
 def denoise(unet, scheduler, x: torch.Tensor, generator: torch.Generator | None = None, eta: float | None = None,
             guidance: Guidance | None = None, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
             trajectory_every: int = 0, callback: Callable[[dict], None] | None = None,
-            progress: bool = False) -> tuple[torch.Tensor, list[dict], list]:
+            progress: bool = False, batch_size: int | None = None,
+            channels_last: bool = False) -> tuple[torch.Tensor, list[dict], list]:
     """Run the reverse process from x = x_T over `scheduler.timesteps` (set_timesteps already called).
 
     Per step: scale_model_input -> unet (-> guidance moves x) -> scheduler.step(...).prev_sample.
     `callback` gets {"step", "num_steps", "t", "sample", "pred_original_sample", "model_output", "loss"}.
+    `batch_size`: images per UNet call (None: all); the scheduler always steps the whole batch.
     """
-    predict_raw = model_fn(unet, class_labels, cfg_scale)
+    predict_raw = model_fn(unet, class_labels, cfg_scale, batch_size, channels_last)
     extra = step_kwargs(scheduler, generator, eta)
     timesteps = scheduler.timesteps
     trajectory, losses = [], []
@@ -151,13 +170,16 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
            sigma_max: float | None = SIGMA_MAX, guidance: Guidance | None = None, class_labels=None,
            cfg_scale: float = 1.0, trajectory_every: int = 0,
            callback: Callable[[dict], None] | None = None, device: str | torch.device | None = None,
-           progress: bool = True) -> SampleOutput:
+           progress: bool = True, dtype: str = "auto", channels_last: bool | None = None) -> SampleOutput:
     """Generate `num_images` images from `model` with scheduler `scheduler` (a registry name) in `steps` steps.
 
     `scheduler="auto"` is the measured default (`schedulers.AUTO_CHOICE`, docs/samplers.md); "ddpm" with
     `seed` reproduces DDPMPipeline. `seed` means `torch.Generator("cpu").manual_seed(seed)` used as
     DDPMPipeline uses its generator. `sigma_max` caps the starting noise level of the sigma-array samplers
     (all but ddpm, ddim, pndm; None: the model's full schedule, as plain diffusers samples it).
+    Speed (docs/performance.md): `dtype` auto|fp32|bf16|fp16 is the UNet's (auto: bf16 only where native
+    and measured faster); `batch_size` images per UNet call and `channels_last` default to the fastest
+    measured on this device (`tuning.choose`). `dtype="fp32"` is DDPMPipeline's arithmetic bit for bit.
     """
     pipe = resolve_pipeline(model)
     unet = pipe.unet
@@ -166,9 +188,6 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     device = unet.device
     if num_images < 1:
         raise UserError(f"--num_images must be at least 1 (got {num_images})")
-    batch_size = batch_size or num_images
-    if batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1 (got {batch_size})")
     if scheduler == AUTO:
         scheduler, steps, chosen = resolve_auto(scheduler, steps, karras=karras, timestep_spacing=timestep_spacing,
                                                 solver_order=solver_order)
@@ -187,36 +206,34 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
     labels = _class_label_tensor(unet, class_labels, num_images)
-
-    size = unet.config.sample_size
-    shape_hw = (size, size) if isinstance(size, int) else tuple(size)
-    images, trajectory, all_losses, timesteps, nfe = [], [], [], [], 0
+    cfg_rows = 2 if labels is not None and cfg_scale not in (0.0, 1.0) else 1
     was_training = unet.training
     unet.eval()
     try:
-        for start in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - start)
-            set_timesteps(sched, steps, device=device)
-            timesteps = [float(t) for t in sched.timesteps]
-            nfe = len(timesteps)
-            from diffusers.utils.torch_utils import randn_tensor
+        # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
+        speed = choose(unet, num_images * cfg_rows, dtype, batch_size and batch_size * cfg_rows, channels_last)
+        logger.info("UNet calls: %s", speed.describe())
+        size = unet.config.sample_size
+        shape_hw = (size, size) if isinstance(size, int) else tuple(size)
+        set_timesteps(sched, steps, device=device)
+        timesteps = [float(t) for t in sched.timesteps]
+        from diffusers.utils.torch_utils import randn_tensor
 
-            x = randn_tensor((n, unet.config.in_channels, *shape_hw), generator=generator, device=device,
-                             dtype=unet.dtype) * sched.init_noise_sigma
-            batch_labels = labels[start:start + n] if labels is not None else None
-            x, traj, losses = denoise(unet, sched, x, generator=generator, eta=eta, guidance=guidance,
-                                      class_labels=batch_labels, cfg_scale=cfg_scale,
-                                      trajectory_every=trajectory_every if start == 0 else 0, callback=callback,
-                                      progress=progress and num_images == n)
-            images.append(x.float().cpu())
-            trajectory = trajectory or traj
-            all_losses.append(losses)
+        # x_T as DDPMPipeline draws it (in the UNet's dtype); the scheduler then runs in at least float32
+        x = randn_tensor((num_images, unet.config.in_channels, *shape_hw), generator=generator, device=device,
+                         dtype=unet.dtype) * sched.init_noise_sigma
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        with unet_for_sampling(unet, speed.dtype, speed.channels_last) as model_unet:
+            x, trajectory, losses = denoise(model_unet, sched, x, generator=generator, eta=eta, guidance=guidance,
+                                            class_labels=labels, cfg_scale=cfg_scale,
+                                            trajectory_every=trajectory_every, callback=callback, progress=progress,
+                                            batch_size=speed.batch_size, channels_last=speed.channels_last)
     finally:
         unet.train(was_training)
-    result = torch.cat(images).clamp(-1, 1)
+    result = x.float().cpu().clamp(-1, 1)
     if not torch.isfinite(result).all():
         logger.warning("some samples are not finite: the model or the scheduler settings diverged")
-    return SampleOutput(result, nfe, timesteps, trajectory, all_losses)
+    return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses])
 
 
 def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | None:

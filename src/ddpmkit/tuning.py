@@ -1,0 +1,234 @@
+"""Speed choices for sampling on this device: the UNet's dtype, memory format and micro-batch size.
+
+`dtype="auto"` takes bf16 only where the hardware computes it natively (a CUDA GPU with bf16, or a CPU
+with avx512_bf16 or AMX) and a measurement on this model says it is faster; elsewhere float32 (on an
+AVX2-only CPU bf16 is emulated and far slower). Channels-last and the micro-batch size (the UNet batch
+with the highest images/s) are measured too, once per device, architecture, size, dtype and thread
+count, and kept in `autotune.json` under $DDPMKIT_CACHE (default ~/.cache/ddpmkit). Delete the file to
+measure again; `batch_size=` and `channels_last=` override the measured choice.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ddpmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+BATCHES = (4, 8, 16, 32, 64, 128, 256, 512)  # micro-batch sizes tried, up to the number of images
+MAX_BATCH = {"cpu": 64, "cuda": 512}  # beyond 64 a 2-core CPU only loses cache locality
+FORMAT_PROBE = {"cpu": 16, "cuda": 64}  # batch at which channels-last vs contiguous is decided
+FASTER = 1.05  # a switch (bf16, channels-last) is taken when at least 5% faster: less is measurement noise
+
+
+@dataclass(frozen=True)
+class SpeedChoice:
+    """How `sample` calls the UNet: in `dtype`, channels-last or not, `batch_size` images per call."""
+
+    dtype: torch.dtype
+    channels_last: bool
+    batch_size: int
+    why: str
+
+    def describe(self) -> str:
+        name = next(k for k, v in DTYPES.items() if v == self.dtype)
+        return f"{name}, {'channels-last' if self.channels_last else 'contiguous'}, micro-batch {self.batch_size} ({self.why})"
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """True where bf16 matmuls run in hardware: a CUDA GPU that supports it, a CPU with avx512_bf16 or AMX."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
+def cache_file() -> Path:
+    root = os.environ.get("DDPMKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpmkit"
+    return Path(root) / "autotune.json"
+
+
+def choose(unet, num_images: int, dtype: str = "auto", batch_size: int | None = None,
+           channels_last: bool | None = None) -> SpeedChoice:
+    """The dtype, memory format and micro-batch for sampling `num_images` with `unet` on its device.
+
+    `dtype="fp32"` without `channels_last=True` keeps DDPMPipeline's exact arithmetic (contiguous float32);
+    micro-batching never changes a result (the scheduler sees every image at once).
+    """
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {dtype!r})")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {batch_size})")
+    device = unet.device
+    torch_dtype, why = _resolve_dtype(unet, dtype, device, num_images)
+    if dtype in ("bf16", "fp16") and device.type == "cpu" and not native_bf16(device):
+        logger.warning("--dtype %s on a CPU without native reduced precision (no avx512_bf16/AMX): it is emulated "
+                       "and much slower than fp32; --dtype auto picks fp32 here", dtype)
+    if channels_last is None and dtype == "fp32":
+        channels_last = False  # fp32 asked for by name: DDPMPipeline's arithmetic, bit for bit
+    max_batch = min(num_images, MAX_BATCH.get(device.type, 64))
+    if not any(p.dim() == 4 for p in unet.parameters()):  # no convolutions (an analytic model): nothing to tune
+        return SpeedChoice(torch_dtype, False, batch_size or num_images, why)
+    if batch_size is not None and channels_last is not None:
+        return SpeedChoice(torch_dtype, channels_last, batch_size, why + "; batch size and format as given")
+    if max_batch <= BATCHES[0] and batch_size is None:
+        return SpeedChoice(torch_dtype, bool(channels_last), num_images, why + f"; {num_images} image(s): one call")
+    tuned = _tuned(unet, torch_dtype, max_batch, batch_size, channels_last)
+    return SpeedChoice(torch_dtype, tuned[0], tuned[1], why + "; " + tuned[2])
+
+
+def _resolve_dtype(unet, dtype: str, device: torch.device, num_images: int) -> tuple[torch.dtype, str]:
+    if dtype != "auto":
+        return DTYPES[dtype], f"dtype {dtype} as asked"
+    if unet.dtype != torch.float32:
+        return unet.dtype, f"the model's own dtype {str(unet.dtype).removeprefix('torch.')}"
+    if not native_bf16(device):
+        where = "this GPU" if device.type == "cuda" else "this CPU (no avx512_bf16 or AMX)"
+        return torch.float32, f"fp32: no native bf16 on {where}"
+    probe = min(num_images, FORMAT_PROBE.get(device.type, 16))
+    speeds = _cached_measurements(unet, "dtype", {name: (DTYPES[name], False, probe) for name in ("fp32", "bf16")})
+    if speeds["bf16"] >= FASTER * speeds["fp32"]:
+        return torch.bfloat16, f"bf16: native and measured {speeds['bf16'] / speeds['fp32']:.2f}x fp32"
+    return torch.float32, f"fp32: bf16 is native but measured {speeds['bf16'] / speeds['fp32']:.2f}x fp32"
+
+
+def _tuned(unet, dtype: torch.dtype, max_batch: int, batch_size: int | None,
+           channels_last: bool | None) -> tuple[bool, int, str]:
+    """(channels_last, batch_size, why): the format at a probe batch, then the fastest batch in that format."""
+    device = unet.device
+    why = []
+    if channels_last is None:
+        probe = batch_size or min(max_batch, FORMAT_PROBE.get(device.type, 16))
+        speeds = _cached_measurements(unet, "format", {fmt: (dtype, fmt == "channels_last", probe)
+                                                       for fmt in ("contiguous", "channels_last")})
+        channels_last = speeds["channels_last"] >= FASTER * speeds["contiguous"]
+        why.append(f"channels-last measured {speeds['channels_last'] / speeds['contiguous']:.2f}x contiguous")
+    if batch_size is None:
+        candidates = sorted({b for b in BATCHES if b < max_batch} | {max_batch})  # all at once is a candidate too
+        speeds = _cached_measurements(unet, "batch", {b: (dtype, channels_last, b) for b in candidates})
+        batch_size = max(candidates, key=lambda b: speeds[b])
+        why.append("fastest of micro-batches " + ", ".join(f"{b}: {speeds[b]:.0f}" for b in candidates) + " img/s")
+    return channels_last, batch_size, "; ".join(why)
+
+
+def _cache_key(unet, what: str) -> str:
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    text = json.dumps([what, device_name(unet.device), torch.__version__, torch.get_num_threads(),
+                       str(unet.dtype), config], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _cached_measurements(unet, what: str, settings: dict) -> dict:
+    """images/s of each setting {name: (dtype, channels_last, batch)}, measured once and kept in the cache file."""
+    path = cache_file()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    key = _cache_key(unet, what)
+    entry = cache.setdefault(key, {"device": device_name(unet.device), "what": what, "images_per_s": {}})
+    known = entry["images_per_s"]
+    missing = {name: s for name, s in settings.items() if str(name) not in known}
+    if missing:
+        logger.info("measuring the sampling speed of this model on %s (%s: %s), once; kept in %s",
+                    entry["device"], what, ", ".join(map(str, missing)), path)
+        for name, (dtype, channels_last, batch) in missing.items():
+            known[str(name)] = round(measure_images_per_s(unet, dtype, channels_last, batch), 3)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1) + "\n")
+            tmp.replace(path)
+        except OSError as err:  # a read-only home: measure again next time
+            logger.warning("could not write the speed cache %s (%s)", path, err)
+    return {name: known[str(name)] for name in settings}
+
+
+def measure_images_per_s(unet, dtype: torch.dtype, channels_last: bool, batch: int, calls: int = 2) -> float:
+    """UNet forward passes per second at one setting (best of `calls` after one warm-up call)."""
+    with unet_for_sampling(unet, dtype, channels_last) as model:
+        size = unet.config.sample_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        x = torch.randn(batch, unet.config.in_channels, *hw, device=unet.device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.tensor(500, device=unet.device)
+        labels = (torch.zeros(batch, dtype=torch.long, device=unet.device) if unet.config.num_class_embeds else None)
+        best = float("inf")
+        with torch.inference_mode():
+            for i in range(calls + 1):
+                _sync(unet.device)
+                start = time.perf_counter()
+                model(x, t, class_labels=labels)
+                _sync(unet.device)
+                if i:  # the first call builds kernels and caches
+                    best = min(best, time.perf_counter() - start)
+        return batch / best
+
+
+@contextmanager
+def unet_for_sampling(unet, dtype: torch.dtype, channels_last: bool):
+    """The UNet to sample with: a copy when the dtype changes (the caller's weights stay as they are),
+    else the module itself, switched to channels-last in place for the duration only."""
+    model = unet if dtype == unet.dtype else copy.deepcopy(unet).to(dtype)
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    switch = channels_last and model is unet and not all(p.is_contiguous(memory_format=torch.channels_last)
+                                                         for p in convs)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if switch:
+            unet.to(memory_format=torch.contiguous_format)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
