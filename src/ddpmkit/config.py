@@ -82,7 +82,11 @@ class TrainConfig:
     ema_max_decay: float = opt(0.9999, "largest EMA decay; it warms up from 0 as in diffusers' train_unconditional.py")
     skip_nonfinite: int = opt(0, "skip up to this many steps whose loss is NaN or infinite (no update) instead of "
                               "stopping at the first; costs one read of the loss before each update")
-    mixed_precision: str = opt("no", "no, bf16 or fp16 (fp16 needs a GPU)", choices=MIXED_PRECISION)
+    mixed_precision: str = opt("no", "no, bf16 or fp16 (fp16 needs a GPU); bf16 on a CPU without native bf16 "
+                               "(no avx512_bf16/AMX) falls back to fp32 with a warning: it is slower there",
+                               choices=MIXED_PRECISION)
+    channels_last: bool = opt(False, "channels-last memory format for the UNet's weights and activations "
+                              "(docs/performance.md: measured on a CPU it does not speed up training)")
     device: str = opt("auto", "auto (GPU when there is one), cpu or cuda; several GPUs: use accelerate launch / torchrun",
                       choices=("auto", "cpu", "cuda"))
     seed: int | None = opt(0, "seed for the model's initial weights, data order, flips, timesteps and noise")

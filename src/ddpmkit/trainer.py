@@ -35,6 +35,7 @@ from ddpmkit.errors import Interrupted, UserError
 from ddpmkit.images import bars_enabled, plot_loss_curve, save_grid
 from ddpmkit.models import (build_unet, check_image_size, check_unet_config, load_pipeline, new_noise_scheduler,
                             unet_config_for)
+from ddpmkit.tuning import native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,13 @@ class Trainer:
             raise UserError("--mixed_precision fp16 needs a GPU: use bf16 or no on the CPU")
         if c.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda, but no CUDA GPU is visible: use --device cpu or auto")
+        mixed_precision = c.mixed_precision
+        on_cpu = c.device == "cpu" or not torch.cuda.is_available()
+        if mixed_precision == "bf16" and on_cpu and not native_bf16("cpu"):
+            # measured (benchmarks/speed.py): bf16 autocast is emulated on such CPUs and several times slower
+            logger.warning("--mixed_precision bf16 on a CPU without native bf16 (no avx512_bf16 or AMX) is slower "
+                           "than fp32 here: training in fp32 (docs/performance.md)")
+            mixed_precision = "no"
         trackers = ["tensorboard"]
         if c.wandb_project:
             try:
@@ -104,7 +112,7 @@ class Trainer:
                 raise UserError("--wandb_project needs the wandb package: pip install wandb") from None
             trackers.append("wandb")
         accelerator = Accelerator(
-            mixed_precision=c.mixed_precision,
+            mixed_precision=mixed_precision,
             gradient_accumulation_steps=c.grad_accumulation_steps,
             cpu=c.device == "cpu",
             log_with=trackers,
@@ -173,7 +181,10 @@ class Trainer:
         lr = c.lr if c.lr is not None else (1e-5 if c.init_from else 4e-4)  # the course's two learning rates
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=lr, weight_decay=c.adam_weight_decay)
         self.ema = EMAModel(self.unet.parameters(), decay=c.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0,
-                            power=3 / 4, model_cls=type(self.unet), model_config=self.unet.config) if c.use_ema else None
+                            power=3 / 4, foreach=True,  # one fused update over all weights, not one per tensor
+                            model_cls=type(self.unet), model_config=self.unet.config) if c.use_ema else None
+        if c.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.unet, optimizer = acc.prepare(self.unet, optimizer)
         self.batches = ShuffledBatches(self.data, c.batch_size, self.seed, c.random_flip, acc.device, acc.process_index,
                                        acc.num_processes)
