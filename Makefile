@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench samplers-table clean
+.PHONY: install demo test test-fast bench speed samplers-table clean
 
 install: $(STAMP)
 
@@ -28,8 +28,12 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/guidance_cost.py
 	$(BIN)/python benchmarks/samplers_table.py
+
+speed: $(STAMP)
+	$(BIN)/python benchmarks/speed.py
 
 samplers-table: $(STAMP)
 	$(BIN)/python benchmarks/samplers_table.py

@@ -29,10 +29,11 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-BATCHES = (4, 8, 16, 32, 64, 128, 256, 512)  # micro-batch sizes tried, up to the number of images
+BATCHES = (8, 16, 32, 64, 128, 256, 512)  # micro-batch sizes tried, up to the number of images (and all at once)
 MAX_BATCH = {"cpu": 64, "cuda": 512}  # beyond 64 a 2-core CPU only loses cache locality
 FORMAT_PROBE = {"cpu": 16, "cuda": 64}  # batch at which channels-last vs contiguous is decided
-FASTER = 1.05  # a switch (bf16, channels-last) is taken when at least 5% faster: less is measurement noise
+FASTER = 1.05  # a switch (bf16, channels-last, a micro-batch) is taken when at least 5% faster: less is noise
+ROUNDS = 3  # each setting is timed once per round, the rounds interleaved; its best round counts
 
 
 @dataclass(frozen=True)
@@ -145,14 +146,16 @@ def _tuned(unet, dtype: torch.dtype, max_batch: int, batch_size: int | None,
     why = []
     if channels_last is None:
         probe = batch_size or min(max_batch, FORMAT_PROBE.get(device.type, 16))
-        speeds = _cached_measurements(unet, "format", {fmt: (dtype, fmt == "channels_last", probe)
+        speeds = _cached_measurements(unet, f"format {dtype}", {fmt: (dtype, fmt == "channels_last", probe)
                                                        for fmt in ("contiguous", "channels_last")})
         channels_last = speeds["channels_last"] >= FASTER * speeds["contiguous"]
         why.append(f"channels-last measured {speeds['channels_last'] / speeds['contiguous']:.2f}x contiguous")
     if batch_size is None:
         candidates = sorted({b for b in BATCHES if b < max_batch} | {max_batch})  # all at once is a candidate too
-        speeds = _cached_measurements(unet, "batch", {b: (dtype, channels_last, b) for b in candidates})
-        batch_size = max(candidates, key=lambda b: speeds[b])
+        layout = "channels-last" if channels_last else "contiguous"
+        speeds = _cached_measurements(unet, f"batch {dtype} {layout}", {b: (dtype, channels_last, b) for b in candidates})
+        best = max(candidates, key=lambda b: speeds[b])
+        batch_size = best if speeds[best] >= FASTER * speeds[max_batch] else max_batch
         why.append("fastest of micro-batches " + ", ".join(f"{b}: {speeds[b]:.0f}" for b in candidates) + " img/s")
     return channels_last, batch_size, "; ".join(why)
 
@@ -178,8 +181,17 @@ def _cached_measurements(unet, what: str, settings: dict) -> dict:
     if missing:
         logger.info("measuring the sampling speed of this model on %s (%s: %s), once; kept in %s",
                     entry["device"], what, ", ".join(map(str, missing)), path)
+        models: dict = {}  # one copy of the UNet per (dtype, format), shared by the batch sizes
+        runs = {name: _forward(unet, *setting, models) for name, setting in missing.items()}
+        best = {name: float("inf") for name in runs}
+        with torch.inference_mode():
+            for name, run in runs.items():
+                run()  # warm-up: kernels, allocator, caches
+            for _ in range(ROUNDS):  # interleaved, so a busy moment of the machine hits every setting alike
+                for name, run in runs.items():
+                    best[name] = min(best[name], _timed(run, unet.device))
         for name, (dtype, channels_last, batch) in missing.items():
-            known[str(name)] = round(measure_images_per_s(unet, dtype, channels_last, batch), 3)
+            known[str(name)] = round(batch / best[name], 3)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -190,26 +202,28 @@ def _cached_measurements(unet, what: str, settings: dict) -> dict:
     return {name: known[str(name)] for name in settings}
 
 
-def measure_images_per_s(unet, dtype: torch.dtype, channels_last: bool, batch: int, calls: int = 2) -> float:
-    """UNet forward passes per second at one setting (best of `calls` after one warm-up call)."""
-    with unet_for_sampling(unet, dtype, channels_last) as model:
-        size = unet.config.sample_size
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        x = torch.randn(batch, unet.config.in_channels, *hw, device=unet.device, dtype=dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        t = torch.tensor(500, device=unet.device)
-        labels = (torch.zeros(batch, dtype=torch.long, device=unet.device) if unet.config.num_class_embeds else None)
-        best = float("inf")
-        with torch.inference_mode():
-            for i in range(calls + 1):
-                _sync(unet.device)
-                start = time.perf_counter()
-                model(x, t, class_labels=labels)
-                _sync(unet.device)
-                if i:  # the first call builds kernels and caches
-                    best = min(best, time.perf_counter() - start)
-        return batch / best
+def _forward(unet, dtype: torch.dtype, channels_last: bool, batch: int, models: dict):
+    """A UNet forward pass at one setting, on random inputs, as a function of nothing (on a copy of the UNet)."""
+    if (dtype, channels_last) not in models:
+        model = copy.deepcopy(unet)
+        model = model if dtype == unet.dtype else model.to(dtype)
+        models[dtype, channels_last] = model.to(memory_format=torch.channels_last) if channels_last else model
+    model = models[dtype, channels_last]
+    size = unet.config.sample_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    x = torch.randn(batch, unet.config.in_channels, *hw, device=unet.device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    t = torch.tensor(500, device=unet.device)
+    labels = torch.zeros(batch, dtype=torch.long, device=unet.device) if unet.config.num_class_embeds else None
+    return lambda: model(x, t, class_labels=labels)
+
+
+def _timed(run, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 @contextmanager
