@@ -1,0 +1,150 @@
+"""Speed switches, without timing anything: the dtype choice, the micro-batch cache (kept, reused, overridden),
+fp32 sampling equal to DDPMPipeline bit for bit at any micro-batch, and the bf16 fallbacks on a CPU without it."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_micro_unet
+from diffusers import DDPMPipeline
+
+import ddpmkit
+from ddpmkit import tuning
+from ddpmkit.cli import build_parser
+from ddpmkit.errors import UserError
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "autotune.json"
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """The tuner's clock replaced: micro-batch 16 and channels-last are the fastest; each timed call is counted."""
+    calls = []
+
+    def fake_forward(unet, dtype, channels_last, batch, models):
+        images_per_s = {8: 80.0, 16: 200.0, 32: 120.0}.get(batch, 50.0) * (1.3 if channels_last else 1.0)
+        return lambda: batch / images_per_s  # "running" it gives the seconds it would take
+
+    def fake_timed(run, device):
+        calls.append(run)
+        return run()
+
+    monkeypatch.setattr(tuning, "_forward", fake_forward)
+    monkeypatch.setattr(tuning, "_timed", fake_timed)
+    return calls
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, None])
+def test_fp32_sampling_is_ddpm_pipeline_bit_for_bit_in_one_call_and_to_float_rounding_in_micro_batches(
+        plain_pipeline, batch_size):
+    reference = DDPMPipeline.from_pretrained(plain_pipeline)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(batch_size=4, generator=torch.Generator().manual_seed(3), num_inference_steps=30,
+                       output_type="np").images
+    ours = ddpmkit.sample(str(plain_pipeline), scheduler="ddpm", steps=30, num_images=4, seed=3, dtype="fp32",
+                          batch_size=batch_size, progress=False).images
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    if batch_size in (4, None):  # one UNet call per step (4 images: nothing to measure), as DDPMPipeline makes it
+        assert np.array_equal(ours, theirs)
+    else:  # the convolutions round differently at another batch size (~5e-7): the same images
+        assert 0 < np.abs(ours - theirs).max() < 1e-5
+
+
+def test_auto_dtype_is_fp32_without_native_bf16_and_bf16_only_where_measured_faster(monkeypatch, caplog):
+    unet = make_micro_unet().eval()
+    monkeypatch.setattr(tuning, "native_bf16", lambda device: False)
+    choice = tuning.choose(unet, num_images=2)
+    assert choice.dtype == torch.float32 and "no native bf16" in choice.why
+    monkeypatch.setattr(tuning, "native_bf16", lambda device: True)
+    for bf16_speed, expected in ((180.0, torch.bfloat16), (102.0, torch.float32)):
+        monkeypatch.setattr(tuning, "_cached_measurements",
+                            lambda unet, what, settings, s=bf16_speed: {"fp32": 100.0, "bf16": s})
+        choice = tuning.choose(unet, num_images=2)
+        assert choice.dtype == expected and f"{bf16_speed / 100:.2f}x fp32" in choice.why
+    # the choice is logged by sample()
+    monkeypatch.setattr(tuning, "native_bf16", lambda device: False)
+    pipe = DDPMPipeline(unet=unet, scheduler=ddpmkit.models.new_noise_scheduler())
+    with caplog.at_level(logging.INFO, logger="ddpmkit"):
+        ddpmkit.sample(pipe, scheduler="ddim", steps=2, num_images=2, seed=0, progress=False)
+    assert "UNet calls: fp32" in caplog.text and "no native bf16" in caplog.text
+    with pytest.raises(UserError, match="--dtype must be one of"):
+        tuning.choose(unet, 2, dtype="fp8")
+
+
+def test_bf16_on_a_cpu_without_it_warns_and_leaves_the_callers_weights_alone(monkeypatch, caplog):
+    monkeypatch.setattr(tuning, "native_bf16", lambda device: False)
+    unet = make_micro_unet().eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=ddpmkit.models.new_noise_scheduler())
+    with caplog.at_level(logging.WARNING, logger="ddpmkit"):
+        low = ddpmkit.sample(pipe, scheduler="ddim", steps=4, num_images=2, seed=0, dtype="bf16", progress=False)
+    assert "emulated" in caplog.text
+    full = ddpmkit.sample(pipe, scheduler="ddim", steps=4, num_images=2, seed=0, dtype="fp32", progress=False)
+    assert low.images.dtype == torch.float32 and unet.dtype == torch.float32
+    assert 0 < (low.images - full.images).abs().max() < 0.1  # bf16 rounding, not a different image
+
+
+def test_micro_batch_is_measured_once_kept_on_disk_and_overridden_by_batch_size(cache, timings):
+    unet = make_micro_unet().eval()
+    first = tuning.choose(unet, num_images=32)
+    assert (first.channels_last, first.batch_size) == (True, 16)
+    measured = len(timings)
+    assert measured > 0 and cache.exists()
+    entries = json.loads(cache.read_text())
+    assert {e["what"] for e in entries.values()} == {"format torch.float32", "batch torch.float32 channels-last"}
+    assert tuning.choose(unet, num_images=32) == first and len(timings) == measured  # read back, nothing timed
+    given = tuning.choose(unet, num_images=32, batch_size=8, channels_last=False)
+    assert (given.batch_size, given.channels_last) == (8, False) and len(timings) == measured
+    # fp32 by name: contiguous (DDPMPipeline's arithmetic); its own batch measurement, kept under its own key
+    exact = tuning.choose(unet, num_images=32, dtype="fp32")
+    assert (exact.channels_last, exact.batch_size) == (False, 16)
+    assert len(json.loads(cache.read_text())) == 3
+    # another architecture is measured on its own
+    tuning.choose(make_micro_unet(layers_per_block=2).eval(), num_images=32)
+    assert len(json.loads(cache.read_text())) == 5
+    # an unreadable cache file is measured again, not an error
+    cache.write_text("{not json")
+    assert tuning.choose(unet, num_images=32) == first
+
+
+def test_sample_calls_the_unet_in_micro_batches_and_the_images_do_not_depend_on_them(plain_pipeline):
+    pipe = ddpmkit.load_pipeline(plain_pipeline)
+    rows = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        three = ddpmkit.sample(pipe, scheduler="dpm++", steps=5, num_images=7, seed=1, batch_size=3, dtype="fp32",
+                               progress=False)
+    finally:
+        hook.remove()
+    assert rows == [3, 3, 1] * 5
+    seven = ddpmkit.sample(pipe, scheduler="dpm++", steps=5, num_images=7, seed=1, batch_size=7, dtype="fp32",
+                           progress=False)
+    assert (three.images - seven.images).abs().max() < 1e-4  # float rounding of the batch size only
+    assert all(p.is_contiguous() for p in pipe.unet.parameters())  # channels-last is undone after sampling
+    ddpmkit.sample(pipe, scheduler="ddim", steps=2, num_images=2, seed=1, channels_last=True, progress=False)
+    assert all(p.is_contiguous() for p in pipe.unet.parameters())
+
+
+def test_train_bf16_on_a_cpu_without_it_warns_and_trains_in_fp32(tmp_path, image_folder, monkeypatch, caplog):
+    from ddpmkit import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: False)
+    config = ddpmkit.TrainConfig(dataset=str(image_folder), preset="micro", image_size=8, batch_size=4, max_steps=1,
+                                 device="cpu", mixed_precision="bf16", output_dir=str(tmp_path / "run"))
+    with caplog.at_level(logging.WARNING, logger="ddpmkit"):
+        trainer = trainer_module.Trainer(config.validate())
+    assert "training in fp32" in caplog.text and trainer.accelerator.mixed_precision == "no"
+
+
+def test_sample_cli_takes_dtype_and_channels_last():
+    args = build_parser().parse_args(["sample", "--model", "m", "--dtype", "bf16", "--no-channels_last"])
+    assert (args.dtype, args.channels_last) == ("bf16", False)
+    assert build_parser().parse_args(["sample", "--model", "m"]).dtype == "auto"
+    with pytest.raises(UserError, match="--dtype"):
+        build_parser().parse_args(["sample", "--model", "m", "--dtype", "fp8"])
