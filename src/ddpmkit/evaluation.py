@@ -745,7 +745,7 @@ def _sample_images(pipe, count: int, scheduler: str, steps: int | None, seed: in
 
     def on_step(info: dict) -> None:
         if bar.total is None:
-            bar.total = math.ceil(count / batch_size) * info["num_steps"]
+            bar.total = info["num_steps"]  # the scheduler steps all images at once; batch_size splits the UNet calls
             bar.refresh()
         bar.update(1)
 
