@@ -205,6 +205,7 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
         raise UserError(f"--steps {steps} is more than the {limit} timesteps {scheduler} can use ({why})")
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+    step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
     labels = _class_label_tensor(unet, class_labels, num_images)
     cfg_rows = 2 if labels is not None and cfg_scale not in (0.0, 1.0) else 1
     was_training = unet.training
