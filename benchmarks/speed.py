@@ -441,7 +441,8 @@ def write_report(result: dict, out: Path) -> None:
         f"Python {m['python']}, torch {m['torch']}, diffusers {m['diffusers']}, accelerate {m['accelerate']}, "
         f"datasets {m['datasets']}. {result['repeats']} interleaved repeats per figure; each cell is the median "
         f"(min-max) of a ratio measured within one repeat. Took {result['seconds']:.0f} s. "
-        "Written by `benchmarks/speed.py`.", "",
+        "Written by `benchmarks/speed.py`." + (f" Parts rerun on their own later: {'; '.join(result['reruns'])}."
+                                               if result.get("reruns") else ""), "",
         "| measure | setting | ratio | target | met | absolute (median) |", "|---|---|---|---|---|---|",
     ]
     loop_target = TARGETS["loop_efficiency_gpu" if m["device"].startswith("cuda") else "loop_efficiency"]
@@ -531,7 +532,8 @@ def main(argv=None) -> int:
               "targets": TARGETS}
     if args.only and out.with_suffix(".json").exists():  # a partial rerun updates the earlier results
         earlier = json.loads(out.with_suffix(".json").read_text())
-        result = {**earlier, **result, "seconds": earlier.get("seconds", 0)}
+        result = {**earlier, **result, "seconds": earlier.get("seconds", 0),
+                  "reruns": earlier.get("reruns", []) + [f"{args.only} at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]}
 
     def log(msg):
         print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
