@@ -282,7 +282,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampler for --model (default: auto; see 'ddpmkit schedulers')")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the scheduler's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--batch_size", type=int, default=None, help="images per sampling batch (default: up to 250)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per UNet call while sampling (default: the fastest measured on this device; the "
+                        "images do not depend on it)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the UNet's dtype while sampling, as for 'ddpmkit sample' (default: auto)")
     p.add_argument("--class_label", default=None, metavar="N|NAME",
                    help="sample one class of a class-conditioned model and compare with that class's images")
     p.add_argument("--cfg_scale", type=float, default=1.0, metavar="W", help="classifier-free guidance scale")
@@ -329,7 +333,8 @@ def cmd_eval(args) -> int:
                       batch_size=args.batch_size, class_label=args.class_label, cfg_scale=args.cfg_scale,
                       per_class=args.per_class, split=args.split, split_fraction=args.split_fraction,
                       image_size=args.image_size, image_column=args.image_column, label_column=args.label_column,
-                      cache_dir=args.cache_dir, floor=args.floor, device=args.device, progress=not args.quiet)
+                      cache_dir=args.cache_dir, floor=args.floor, device=args.device, dtype=args.dtype,
+                      progress=not args.quiet)
     for line in result.lines():
         print(line)
     if args.out:

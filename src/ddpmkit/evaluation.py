@@ -554,7 +554,7 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
              image_size: int | None = None, image_column: str | None = None, label_column: str | None = None,
              cache_dir: str | Path | None = None, data_cache_dir: str | None = None, floor: bool = False,
              features: FeatureExtractor | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
-             k: int = 3, device: str | None = None, progress: bool = True) -> EvalResult:
+             k: int = 3, device: str | None = None, dtype: str = "auto", progress: bool = True) -> EvalResult:
     """FID, KID, precision and recall of generated images (or any image set) against `dataset`.
 
     `model_or_images`: a pipeline (object, folder or Hub id) to sample `num_images` images from with
@@ -600,7 +600,7 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
             count = min(count, len(reference))
             labels = labels * count
         generated, sample_settings = _sample_images(pipe, count, scheduler, steps, seed, batch_size, labels,
-                                                    cfg_scale, device, progress)
+                                                    cfg_scale, device, progress, dtype)
         settings["model"] = {"name": model_name, "weights_sha256": weights_sha256(pipe.unet), **sample_settings}
         timings["sampling"] = time.perf_counter() - t0
     settings["reference"] = reference.describe
@@ -736,11 +736,14 @@ def _restrict_to_class(reference: ImageSet, model_label: int, model_name) -> Ima
 
 
 def _sample_images(pipe, count: int, scheduler: str, steps: int | None, seed: int, batch_size: int | None,
-                   labels: list[int] | None, cfg_scale: float, device, progress: bool) -> tuple[ImageSet, dict]:
-    """`count` images from `ddpmkit.sample` (the CLI's sampler), with one progress bar over all batches."""
+                   labels: list[int] | None, cfg_scale: float, device, progress: bool,
+                   dtype: str = "auto") -> tuple[ImageSet, dict]:
+    """`count` images from `ddpmkit.sample` (the CLI's sampler), with one progress bar over the steps.
+
+    `batch_size` is images per UNet call (None: the fastest measured on this device); the images do not
+    depend on it."""
     from ddpmkit.sampling import sample
 
-    batch_size = batch_size or min(count, 250)
     bar = tqdm(desc="sampling", unit="step", leave=False, disable=not bars_enabled(progress))
 
     def on_step(info: dict) -> None:
@@ -751,9 +754,11 @@ def _sample_images(pipe, count: int, scheduler: str, steps: int | None, seed: in
 
     with bar:
         out = sample(pipe, scheduler=scheduler, steps=steps, num_images=count, batch_size=batch_size, seed=seed,
-                     class_labels=labels, cfg_scale=cfg_scale, device=device, callback=on_step, progress=False)
+                     class_labels=labels, cfg_scale=cfg_scale, device=device, callback=on_step, progress=False,
+                     dtype=dtype)
     label_tensor = torch.as_tensor(labels) if labels is not None else None
     settings = {"scheduler": scheduler, "steps": steps, "nfe": out.nfe, "seed": seed, "batch_size": batch_size,
+                "dtype": dtype,
                 "num_images": count, "cfg_scale": cfg_scale,
                 "class_labels": sorted(set(labels)) if labels is not None else None,
                 "scheduler_config": dict(pipe.scheduler.config)}
