@@ -169,15 +169,6 @@ def frechet_distance_factors(a: tuple, b: tuple) -> float:
     return float(max(diff @ diff + trace1 + trace2 - 2 * trace_sqrt, 0.0))
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """The same distance from means and covariances (for statistics computed elsewhere)."""
-    def root(sigma):
-        values, vectors = np.linalg.eigh(sigma)
-        return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    return frechet_distance_factors((mu1, root(sigma1), float(np.trace(sigma1))),
-                                    (mu2, root(sigma2), float(np.trace(sigma2))))
-
-
 def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
     return frechet_distance_factors(_factor(real), _factor(fake))
 
