@@ -271,7 +271,8 @@ def read_images(items: ItemSource, image_size: int, channels: int, labels: list 
 
 
 # --------------------------------------------------------------------------- sources
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A class or category name as matched on the command line: 'Food & Drink' -> 'food-drink'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -307,9 +308,9 @@ def load_emoji(image_size: int, channels: int, category: str | None = None) -> t
     files, categories = emoji_files()
     class_names = sorted(set(categories))
     if category is not None:
-        wanted = [c for c in class_names if _slug(c) == _slug(category)]
+        wanted = [c for c in class_names if slug(c) == slug(category)]
         if not wanted:
-            raise UserError(f"unknown emoji category {category!r}: use one of {', '.join(map(_slug, class_names))}")
+            raise UserError(f"unknown emoji category {category!r}: use one of {', '.join(map(slug, class_names))}")
         picked = [(f, c) for f, c in zip(files, categories) if c == wanted[0]]
         files, categories = [f for f, _ in picked], [c for _, c in picked]
     labels = [class_names.index(c) for c in categories]

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddpmkit.data import slug
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
 
@@ -342,7 +343,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "ddpmkit"
 
 
-def _slug(text: str) -> str:
+def _file_slug(text: str) -> str:
+    """A dataset name as part of a cache file name."""
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-")[:60] or "data"
 
 
@@ -359,7 +361,7 @@ class FeatureCache:
 
     def path(self, image_set: ImageSet, identity: dict) -> Path:
         d = image_set.describe
-        name = f"{_slug(d.get('dataset', 'images'))}-{d.get('image_size')}px-{len(image_set)}"
+        name = f"{_file_slug(d.get('dataset', 'images'))}-{d.get('image_size')}px-{len(image_set)}"
         return self.folder / f"features-{name}-{self.key(image_set, identity)}.npz"
 
     def load(self, image_set: ImageSet, identity: dict) -> np.ndarray | None:
@@ -530,7 +532,7 @@ def _generated_labels(pipe, model_name, reference: ImageSet, per_class: bool, cl
     data_names = reference.class_names or [str(i) for i in range(int(reference.labels.max()) + 1)]
     mapping = {}
     for i, name in enumerate(data_names):
-        matches = [j for j, m in enumerate(model_names) if _slug(m).lower() == _slug(name).lower()]
+        matches = [j for j, m in enumerate(model_names) if slug(m) == slug(name)]
         if not matches:
             raise UserError(f"the dataset's class {name!r} is not one of the model's classes "
                             f"({', '.join(model_names)}): evaluate against the dataset the model was trained on")
@@ -713,8 +715,8 @@ def _restrict_to_class(reference: ImageSet, model_label: int, model_name) -> Ima
     data_names = reference.class_names or []
     wanted = model_label
     if names and data_names:
-        slug = _slug(names[model_label]).lower()
-        matches = [i for i, n in enumerate(data_names) if _slug(n).lower() == slug]
+        wanted_name = slug(names[model_label])
+        matches = [i for i, n in enumerate(data_names) if slug(n) == wanted_name]
         if not matches:
             raise UserError(f"the model's class {names[model_label]!r} is not in the dataset's classes")
         wanted = matches[0]

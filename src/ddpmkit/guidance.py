@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ddpmkit.data import slug
 from ddpmkit.errors import UserError
 from ddpmkit.sampling import _alpha_bar_and_vp_sample, predicted_x0
 
@@ -425,17 +426,13 @@ def class_names(model) -> list[str] | None:
     return json.loads(path.read_text()).get("class_names")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def resolve_class_label(label: int | str, names: Sequence[str] | None, num_classes: int) -> int:
     """A class index or a class name (any case; 'ankle-boot' finds 'Ankle boot') -> the index."""
     text = str(label).strip()
     if re.fullmatch(r"\d+", text):
         index = int(text)
     else:
-        matches = [i for i, n in enumerate(names or []) if _slug(n) == _slug(text)]
+        matches = [i for i, n in enumerate(names or []) if slug(n) == slug(text)]
         if not matches:
             known = f"one of {', '.join(names)}" if names else f"a number 0..{num_classes - 1} (no class names saved)"
             raise UserError(f"unknown --class_label {label!r}: use {known}")
