@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
+from ddpmkit.config import DEFAULT_MODEL, FINETUNE_DEFAULTS, TrainConfig
 from ddpmkit.errors import Interrupted, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -79,7 +79,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     from ddpmkit.schedulers import scheduler_names
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the --guide examples as written
-    p.add_argument("--model", required=True, help="pipeline folder or Hub id (e.g. google/ddpm-cifar10-32)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name (default: emoji32, see 'ddpmkit models'), "
+                   "pipeline folder or Hub id (e.g. google/ddpm-cifar10-32)")
     p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
                    help="sampler by name: auto (the measured default, docs/samplers.md), "
                    + ", ".join(scheduler_names()) + " ('ddpmkit schedulers'); ddpm with --seed reproduces DDPMPipeline")
@@ -269,13 +270,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     from ddpmkit.schedulers import scheduler_names
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="pipeline folder or Hub id to sample from")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model", help="bundled model name, pipeline folder or Hub id to sample from (default, when "
+                      "no --images or --vs_dataset is given: the bundled emoji32)")
     what.add_argument("--images", metavar="FOLDER", help="a folder of images already made (by any tool)")
     what.add_argument("--vs_dataset", metavar="D2", help="compare --dataset with this dataset (the same one with "
                       "--split_fraction: the floor)")
-    p.add_argument("--dataset", required=True, help="the reference: emoji, emoji:CATEGORY, an image folder, a dataset "
-                   "file or a Hub id (as for train)")
+    p.add_argument("--dataset", default=None, help="the reference: emoji, emoji:CATEGORY, an image folder, a dataset "
+                   "file or a Hub id (as for train); default for --model: the dataset it was trained on (ddpmkit.json)")
     p.add_argument("--num_images", type=int, default=None,
                    help="images on each side (default: 2000, or fewer when the dataset or folder has fewer)")
     p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
@@ -326,6 +328,12 @@ def cmd_eval(args) -> int:
         raise UserError(f"--out {args.out} must end in .json")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA GPU is visible: use --device cpu")
+    if args.model is None and args.images is None and args.vs_dataset is None:
+        args.model = DEFAULT_MODEL
+    if args.dataset is None:
+        args.dataset = _trained_on(args.model) if args.model else None
+        if args.dataset is None:
+            raise UserError("give --dataset: the reference images to compare with (e.g. --dataset emoji)")
     if args.images is not None and (args.per_class or args.class_label is not None):
         raise UserError("--per_class and --class_label need --model (a class-conditioned one), not --images")
     result = evaluate(args.model or args.images, dataset=args.dataset, num_images=args.num_images,
@@ -339,6 +347,39 @@ def cmd_eval(args) -> int:
         print(line)
     if args.out:
         logging.getLogger("ddpmkit").info("wrote %s", result.save(args.out))
+    return 0
+
+
+def _trained_on(model: str) -> str | None:
+    """The dataset a ddpmkit model was trained on (its ddpmkit.json), or None."""
+    import json
+
+    from ddpmkit.models import model_path
+
+    meta = Path(model_path(model)).expanduser() / "ddpmkit.json"
+    try:
+        dataset = json.loads(meta.read_text()).get("dataset")
+    except (OSError, ValueError):
+        return None
+    return dataset if isinstance(dataset, str) else None
+
+
+# ---------------------------------------------------------------------------- models
+def cmd_models(args) -> int:
+    from ddpmkit.models import list_models
+
+    if args.models_dir is not None and not Path(args.models_dir).expanduser().is_dir():
+        raise UserError(f"--models_dir {args.models_dir} is not a folder: give the folder your runs are in")
+    rows = list_models(args.models_dir or ".")
+    if not rows:
+        print("no models found: train one with 'ddpmkit train', or reinstall ddpmkit for the bundled emoji32")
+        return 0
+    for r in rows:
+        size = r["image_size"] if not isinstance(r["image_size"], list) else "x".join(map(str, r["image_size"]))
+        names = r["class_names"]
+        classes = f"{len(names)} classes: {', '.join(names)}" if names else "unconditional"
+        print(f"{r['name']}  [{r['kind']}, {r['size_mb']} MB, {size}x{size} px, {r['prediction_type']}, {classes}]"
+              + (f"\n    {r['path']}" if r["kind"] != "bundled" and r["path"] != r["name"] else ""))
     return 0
 
 
@@ -387,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=EVAL_DESCRIPTION)
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the bundled models, the pipeline folders under --models_dir and "
+                       "Hub pipelines in the local cache, with sizes and classes")
+    p.add_argument("--models_dir", default=None, help="folder to search for pipeline folders, 3 levels deep "
+                   "(default: the current folder)")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("schedulers", help="list the schedulers (samplers) by name")
     p.set_defaults(func=cmd_schedulers)

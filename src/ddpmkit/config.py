@@ -22,6 +22,7 @@ def opt(default: Any, help: str, aliases: tuple[str, ...] = (), choices: tuple |
     return field(default=default, metadata=meta)
 
 
+DEFAULT_MODEL = "emoji32"  # the bundled model: the default --model of sample and eval (ddpmkit/pretrained/)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
@@ -65,6 +66,9 @@ class TrainConfig:
     num_train_timesteps: int = opt(1000, "number of diffusion steps T of a new model")
     prediction_type: str | None = opt(None, "what the UNet predicts: epsilon (the course), sample or v_prediction; "
                                       "a fine-tune keeps the pretrained model's unless set", choices=PREDICTION_TYPES)
+    snr_gamma: float | None = opt(None, "Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' training scripts "
+                                  "use 5.0): each timestep's loss is weighted by min(SNR, gamma)/SNR (epsilon) or "
+                                  "min(SNR, gamma)/(SNR + 1) (v_prediction); off by default, as in the course")
     # --- optimisation ---
     batch_size: int = opt(64, "images per optimizer micro-batch and process (the course uses 64)",
                           aliases=("--train_batch_size",))
@@ -125,6 +129,8 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         if self.cache_max_gb is not None and not self.cache_max_gb > 0:
             raise UserError(f"--cache_max_gb must be a positive number of gigabytes (got {self.cache_max_gb})")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise UserError(f"--snr_gamma must be a positive number, such as 5.0 (got {self.snr_gamma})")
         if self.max_grad_norm < 0:
             raise UserError(f"--max_grad_norm must be 0 (off) or more (got {self.max_grad_norm})")
         for f in dataclasses.fields(self):

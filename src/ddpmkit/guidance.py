@@ -415,7 +415,9 @@ def build_guidance(specs: Sequence[str] = (), losses: Sequence[str] = (), method
 # --------------------------------------------------------------------------- class labels for CFG
 def class_names(model) -> list[str] | None:
     """The class names saved beside a ddpmkit model (ddpmkit.json), or None."""
-    path = Path(str(model)).expanduser() / "ddpmkit.json"
+    from ddpmkit.models import model_path
+
+    path = Path(model_path(model)).expanduser() / "ddpmkit.json"
     if not path.is_file():
         try:
             from huggingface_hub import hf_hub_download

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from ddpmkit.config import DEFAULT_MODEL
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -185,14 +186,36 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
 
 
-def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = None,
+# Pretrained pipelines shipped inside the package (src/ddpmkit/pretrained/NAME/, a DDPMPipeline folder each).
+BUNDLED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def bundled_models() -> dict[str, Path]:
+    """Name -> folder of every pipeline shipped inside the package."""
+    if not BUNDLED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(BUNDLED_DIR.iterdir()) if (p / "model_index.json").is_file()}
+
+
+def model_path(model: str | os.PathLike) -> str:
+    """Where a --model value points: a bundled model's folder for its name (unless a local folder of that
+    name exists), else the value itself (a folder or a Hub id)."""
+    name = str(model)
+    bundled = bundled_models()
+    if name in bundled and not Path(name).expanduser().exists():
+        return str(bundled[name])
+    return name
+
+
+def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None) -> DDPMPipeline:
-    """Load a DDPM-style pipeline (UNet2DModel + scheduler) from a local folder or a Hub id.
+    """Load a DDPM-style pipeline (UNet2DModel + scheduler): a bundled model by name ('emoji32', the
+    default), a local folder, or a Hub id.
 
     Works for folders written by `DDPMPipeline.save_pretrained` (safetensors or .bin weights),
     by ddpmkit, and for Hub repos such as `google/ddpm-cifar10-32`.
     """
-    name = str(model)
+    name = model_path(model)
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -227,3 +250,84 @@ def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = 
         pipe.to(device)
     return pipe
 
+
+
+def describe_model(path: str | os.PathLike, name: str | None = None, kind: str = "local") -> dict:
+    """What `ddpmkit models` shows of one pipeline folder, read from its config files (no weights are loaded)."""
+    path = Path(path)
+    unet = _read_config(path / "unet" / "config.json", str(path))
+    meta_file = path / "ddpmkit.json"
+    meta = _read_config(meta_file, str(path)) if meta_file.is_file() else {}
+    weights = [p for p in (path / "unet").iterdir() if p.suffix in (".safetensors", ".bin")]
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = _read_config(scheduler_file, str(path)) if scheduler_file.is_file() else {}
+    return {"name": name or str(path), "kind": kind, "path": str(path),
+            "size_mb": round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1),
+            "weights": [p.name for p in weights],
+            "image_size": unet.get("sample_size"), "channels": unet.get("in_channels"),
+            "prediction_type": scheduler.get("prediction_type", "epsilon"),
+            "class_names": meta.get("class_names") if unet.get("num_class_embeds") else None,
+            "dataset": meta.get("dataset")}
+
+
+def local_models(models_dir: str | os.PathLike = ".", max_depth: int = 3) -> list[Path]:
+    """Pipeline folders (model_index.json with unet/ and scheduler/) under models_dir, at most max_depth deep;
+    hidden folders, virtual environments and training checkpoints are skipped."""
+    root = Path(models_dir).expanduser()
+    found: list[Path] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        if (folder / "model_index.json").is_file() and (folder / "unet").is_dir():
+            found.append(folder)
+        if depth >= max_depth:
+            return
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir())
+        except OSError:
+            return
+        for child in children:
+            if child.name.startswith((".", "_")) or child.name in ("checkpoints", "node_modules", "site-packages", "venv"):
+                continue
+            walk(child, depth + 1)
+
+    if root.is_dir():
+        walk(root, 0)
+    return found
+
+
+def hub_cached_models() -> list[tuple[str, Path]]:
+    """Hub pipelines already in the local Hugging Face cache (repo id, snapshot folder), newest snapshot each."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        repos = scan_cache_dir().repos
+    except Exception:  # no cache yet, or an unreadable one: nothing to list
+        return []
+    out = []
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+            if (revision.snapshot_path / "model_index.json").is_file() and (revision.snapshot_path / "unet").is_dir():
+                out.append((repo.repo_id, revision.snapshot_path))
+                break
+    return out
+
+
+def list_models(models_dir: str | os.PathLike | None = ".") -> list[dict]:
+    """Every model `--model` can name here: the bundled ones, pipeline folders under models_dir, Hub cache."""
+    rows = [describe_model(p, name, "bundled") for name, p in bundled_models().items()]
+    if models_dir is not None:
+        bundled = {p.resolve() for p in bundled_models().values()}
+        for folder in local_models(models_dir):
+            if folder.resolve() not in bundled:
+                try:
+                    rows.append(describe_model(folder))
+                except (OSError, UserError) as err:
+                    logger.warning("skipped %s: %s", folder, err)
+    for repo_id, folder in hub_cached_models():
+        try:
+            rows.append(describe_model(folder, repo_id, "hub cache"))
+        except (OSError, UserError):
+            continue
+    return rows

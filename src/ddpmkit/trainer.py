@@ -82,6 +82,7 @@ class Trainer:
         self.generator = torch.Generator(self.accelerator.device).manual_seed(
             derive_seed(self.seed, self.accelerator.process_index, 2))
         self.global_step = 0
+        self.train_s_before = self.train_s = 0.0  # training wall-clock seconds, summed over resumed runs
         self.loss_log = self.output_dir / "loss.jsonl"
         self.skipped_steps = 0  # non-finite steps skipped so far (--skip_nonfinite)
         self.stop_signal = 0  # set by SIGINT / SIGTERM: save a checkpoint after this step and stop
@@ -222,6 +223,7 @@ class Trainer:
                 self.global_step += 1
                 loss, stop = self._read_step()
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
+                self.train_s = self.train_s_before + time.perf_counter() - started
                 if math.isfinite(loss):
                     self.log_step(loss, self.batches.epoch, rate)
                 elif self.skipping:
@@ -277,7 +279,11 @@ class Trainer:
         with self.accelerator.autocast():
             model_output = self.unet(noisy_images, timesteps, return_dict=False, **kwargs)[0]
         target = self._target(clean_images, noise, timesteps)
-        loss = F.mse_loss(model_output.float(), target.float())
+        if self.config.snr_gamma is None:
+            loss = F.mse_loss(model_output.float(), target.float())
+        else:  # Min-SNR-gamma: the per-sample MSE weighted by min(SNR, gamma) / (SNR or SNR + 1)
+            per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * self._snr_weights(timesteps)).mean()
         self.accelerator.backward(loss)
         return loss
 
@@ -374,6 +380,18 @@ class Trainer:
             return clean_images
         return self.noise_scheduler.get_velocity(clean_images, noise, timesteps)  # v = sqrt(ab) eps - sqrt(1-ab) x0
 
+    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights (Hang et al. 2023), as diffusers' training scripts compute them."""
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.config.snr_gamma)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        if prediction_type == "sample":  # x0 loss is SNR times the eps loss: weight it by min(SNR, gamma)
+            return clipped
+        return clipped / snr
+
     # ------------------------------------------------------------------ logging and saving
     def log_step(self, loss: float, epoch: int, images_per_s: float) -> None:
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -381,7 +399,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             with self.loss_log.open("a") as f:
                 f.write(json.dumps({"step": self.global_step, "loss": loss, "lr": lr, "epoch": epoch,
-                                    "images_per_s": round(images_per_s, 2)}) + "\n")
+                                    "images_per_s": round(images_per_s, 2),
+                                    "train_s": round(self.train_s, 1)}) + "\n")
 
     def _periodic(self) -> None:
         c, step = self.config, self.global_step
@@ -594,6 +613,7 @@ class Trainer:
             self.generator.manual_seed(derive_seed(self.batches.seed, acc.process_index, 2, self.global_step))
         if acc.is_main_process and self.loss_log.exists():  # drop steps logged after the checkpoint
             kept = [r for r in _read_log(self.loss_log) if r.get("step", 0) <= self.global_step]
+            self.train_s_before = float(kept[-1].get("train_s", 0.0)) if kept else 0.0
             _write_atomic(self.loss_log, "".join(json.dumps(r) + "\n" for r in kept))
         logger.info("resumed from %s at step %d (epoch %d, batch %d of %d)", path, self.global_step,
                     self.batches.epoch, self.batches.position, len(self.batches))

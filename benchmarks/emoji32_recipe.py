@@ -1,0 +1,105 @@
+"""Choose the bundled emoji32 model's recipe by measurement: each candidate trains for the same wall-clock
+budget on the built-in emoji data (32x32, class-conditioned on the categories), then `ddpmkit eval` scores it.
+
+    python benchmarks/emoji32_recipe.py [--minutes 5.5] [--num_images 300] [--only NAME ...]
+
+Every candidate's run folder is kept under runs/recipe/ and its eval JSON beside it: rerunning the script
+skips what is done (a stopped run resumes from its checkpoint). Results: benchmarks/results/emoji32_recipe.md/.json.
+The budget is the same wall time for every candidate: the step count of each comes from its preset's measured
+training throughput (images/s, measured here at the start of the run, 20 steps each).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "runs" / "recipe"
+COMMON = ["--dataset", "emoji", "--image_size", "32", "--class_column", "label", "--batch_size", "64",
+          "--use_ema", "--cache_dir", str(RUNS / ".cache"), "--seed", "0"]
+FAST = ["--lr", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "50"]
+
+# name -> (preset, extra train flags, what it tests)
+CANDIDATES = {
+    "course": ("tiny", ["--lr", "4e-4"], "the course's recipe: epsilon, MSE, AdamW 4e-4 constant"),
+    "eps-1e-3": ("tiny", FAST, "epsilon, AdamW 1e-3 with 50 warm-up steps and a cosine decay"),
+    "v-pred": ("tiny", FAST + ["--prediction_type", "v_prediction"], "v-prediction, same optimiser"),
+    "min-snr5": ("tiny", FAST + ["--snr_gamma", "5"], "epsilon with Min-SNR-5 loss weighting"),
+    "small-eps-1e-3": ("small", FAST, "the 'small' preset (two attention levels, 2 layers per block), same budget"),
+}
+
+
+def ddpmkit(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "ddpmkit", *args], check=True)
+
+
+def rate(preset: str) -> float:
+    """Training images/s of a preset on this machine (20 steps after 5 warm-up steps)."""
+    out = RUNS / f".rate_{preset}"
+    ddpmkit("-q", "train", *COMMON, "--preset", preset, "--max_steps", "25", "--output_dir", str(out))
+    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    return 20 * 64 / (log[-1]["train_s"] - log[4]["train_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per candidate")
+    parser.add_argument("--num_images", type=int, default=300, help="images on each side of the eval")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these candidates")
+    args = parser.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    rates_file = RUNS / "rates.json"
+    rates = json.loads(rates_file.read_text()) if rates_file.exists() else {}
+    for preset in sorted({p for p, _, _ in CANDIDATES.values()} - set(rates)):
+        rates[preset] = rate(preset)
+        rates_file.write_text(json.dumps(rates, indent=2))
+    rows = []
+    for name, (preset, flags, what) in CANDIDATES.items():
+        if args.only and name not in args.only:
+            continue
+        steps = int(args.minutes * 60 * rates[preset] / 64)
+        run = RUNS / name
+        train_cmd = ["train", *COMMON, "--preset", preset, *flags, "--max_steps", str(steps),
+                     "--checkpointing_steps", "100", "--resume_from_checkpoint", "latest", "--output_dir", str(run)]
+        if not (run / "model_index.json").exists():
+            ddpmkit("-q", *train_cmd)
+        result = run / f"eval_{args.num_images}.json"
+        eval_cmd = ["eval", "--model", str(run), "--dataset", "emoji", "--per_class", "--num_images",
+                    str(args.num_images), "--scheduler", "ddim", "--steps", "50", "--seed", "0", "--out", str(result)]
+        if not result.exists():
+            ddpmkit("-q", *eval_cmd)
+        figures = json.loads(result.read_text())
+        log = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+        rows.append({"name": name, "preset": preset, "what": what, "steps": steps, "images_seen": steps * 64,
+                     "train_minutes": round(log[-1]["train_s"] / 60, 2),
+                     "final_loss_mean_last50": sum(r["loss"] for r in log[-50:]) / len(log[-50:]),
+                     "fid": figures["fid"], "kid": figures["kid_mean"], "kid_std": figures["kid_std"],
+                     "precision": figures["precision"], "recall": figures["recall"],
+                     "train_command": "ddpmkit " + " ".join(train_cmd), "eval_command": "ddpmkit " + " ".join(eval_cmd)})
+    machine = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"],
+                             capture_output=True, text=True).stdout.strip() or platform.processor()
+    report = {"date": time.strftime("%Y-%m-%d"), "cpu": machine, "budget_minutes": args.minutes,
+              "num_images": args.num_images, "rates_images_per_s": rates, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "emoji32_recipe.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# emoji32 recipe search ({report['date']}, {machine})", "",
+             f"Each candidate trains for {args.minutes} minutes of wall time (steps from the preset's measured "
+             f"images/s: {', '.join(f'{k} {v:.1f}' for k, v in rates.items())}), batch 64, EMA, class-conditioned "
+             f"on the emoji categories; then `ddpmkit eval --per_class` with DDIM 50 steps, {args.num_images} images "
+             "on each side, seed 0.", "",
+             "| candidate | preset | steps | FID | KID | precision | recall | what it tests |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["fid"]):
+        lines.append(f"| {r['name']} | {r['preset']} | {r['steps']} | {r['fid']:.1f} | {r['kid']:.4f} ± {r['kid_std']:.4f} "
+                     f"| {r['precision']:.3f} | {r['recall']:.3f} | {r['what']} |")
+    (RESULTS / "emoji32_recipe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
