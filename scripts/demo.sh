@@ -1,43 +1,99 @@
 #!/usr/bin/env bash
-# `make demo`: Units 1 and 2 of the course on the built-in emoji data, on a CPU, in under 10 minutes.
-# Everything lands in demo-output/. DEMO_STEPS sets the training length (default below).
+# `make demo`: Units 1 and 2 of the course on the bundled emoji32 model and the built-in emoji data, on a CPU.
+# Everything lands in demo-output/ (DEMO_OUT); open demo-output/index.html. DEMO_FT_STEPS and DEMO_SCRATCH_STEPS
+# set the two short training runs; DEMO_EVAL_IMAGES the eval count.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-output}
-STEPS=${DEMO_STEPS:-500}
-FT_STEPS=${DEMO_FT_STEPS:-60}
-mkdir -p "$OUT"
+FT_STEPS=${DEMO_FT_STEPS:-40}
+SCRATCH_STEPS=${DEMO_SCRATCH_STEPS:-100}
+EVAL_IMAGES=${DEMO_EVAL_IMAGES:-250}
+PAGE="python scripts/demo_page.py"
+rm -rf "$OUT/manifest.jsonl" && mkdir -p "$OUT"
 start=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - start ))s] $*"; }
 
-stamp "Unit 1: the forward process (noise schedule and one emoji noised at 8 timesteps)"
-ddpmkit -q schedule --dataset emoji --image_size 32 --out "$OUT/schedule.png"
+quote() {  # the command as a user would type it
+  local out="" a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=,+-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
+  done
+  echo "${out% }"
+}
 
-stamp "Unit 1: train a tiny UNet2DModel from scratch on 4,009 emoji at 32x32 ($STEPS steps)"
-ddpmkit train --dataset emoji --image_size 32 --preset tiny --batch_size 64 --max_steps "$STEPS" \
-  --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 50 --use_ema --cache_dir "$OUT/.cache" \
-  --output_dir "$OUT/emoji32"
+# show SECTION CAPTION "FILE [FILE...]" COMMAND...: run the command (inside $OUT) and put its pictures on the page
+show() {
+  local section=$1 caption=$2 files=$3; shift 3
+  stamp "$caption"
+  (cd "$OUT" && "$@")
+  # shellcheck disable=SC2086
+  $PAGE add "$OUT" "$section" "$caption" "$(quote "$@")" $files
+}
 
-stamp "Unit 1: DDPM sampling, 1000 steps, with the denoising trajectory"
-ddpmkit sample --model "$OUT/emoji32" --scheduler ddpm --num_images 16 --seed 0 \
-  --trajectory 125 --out "$OUT/samples_ddpm.png"
+U1="Unit 1: what a diffusion model does"
+U2="Unit 2: fast samplers, guidance, classes, fine-tuning"
 
-stamp "Unit 2: fast sampling with DDIM (40 steps) and DPM++ (20 steps)"
-ddpmkit sample --model "$OUT/emoji32" --scheduler ddim --steps 40 --num_images 16 --seed 0 --out "$OUT/samples_ddim.png"
-ddpmkit sample --model "$OUT/emoji32" --compare ddim:10,ddim:40,dpm++:10,dpm++:20 --num_images 8 --seed 0 \
-  --out "$OUT/compare_schedulers.png"
+show "$U1" "The forward process: the squaredcos_cap_v2 noise schedule (left) and one emoji noised at 8 timesteps (right)." \
+  "schedule.png schedule_noised.png" \
+  ddpmkit -q schedule --dataset emoji --image_size 32 --out schedule.png
 
-stamp "Unit 2: fine-tune the demo model on one category (Smileys & Emotion, $FT_STEPS steps)"
-ddpmkit finetune --start_model "$OUT/emoji32" --dataset "emoji:smileys-emotion" --image_size 32 --batch_size 32 \
-  --max_steps "$FT_STEPS" --lr 1e-4 --cache_dir "$OUT/.cache" --output_dir "$OUT/finetune" \
-  --model_save_name emoji32-smileys --save_model_every 1000
-ddpmkit sample --model "$OUT/finetune/emoji32-smileys" --scheduler ddim --steps 40 --num_images 16 --seed 0 \
-  --out "$OUT/samples_finetuned_ddim.png"
+show "$U1" "The bundled model emoji32 with the default sampler (auto): one row per emoji category, 8 images each, seed 0." \
+  "samples_auto.png" \
+  ddpmkit -q sample --num_images 8 --seed 0 --out samples_auto.png
 
-stamp "Unit 2: colour guidance on the demo model (the course's #BB2266 and #44CCAA), DDIM 40 steps"
-for c in BB2266 44CCAA; do
-  ddpmkit sample --model "$OUT/emoji32" --scheduler ddim --steps 40 --num_images 8 --seed 0 \
-    --guide "color:#$c:5" --out "$OUT/guided_$c.png"
+show "$U1" "The course's sampling loop: DDPM with all 1000 steps, for comparison (4 smileys, seed 0), and the trajectory of those samples: x_t (noisy image) and the predicted x0 every 100 steps." \
+  "samples_ddpm1000.png samples_ddpm1000_trajectory.png" \
+  ddpmkit -q sample --scheduler ddpm --class_label smileys-emotion --num_images 4 --seed 0 --trajectory 100 \
+  --out samples_ddpm1000.png
+
+show "$U2" "Fast samplers at few steps, same seed: each column a scheduler (DDIM 10, DPM++ 10, DEIS 10, DDIM 50): food & drink." \
+  "compare_schedulers.png" \
+  ddpmkit -q sample --class_label food-drink --compare ddim:10,dpm++:10,deis:10,ddim:50 --num_images 6 --seed 0 \
+  --out compare_schedulers.png
+
+show "$U2" "Class-conditioned sampling with classifier-free guidance (scale 3): one row per category." \
+  "classes_cfg3.png" \
+  ddpmkit -q sample --num_images 8 --cfg_scale 3 --seed 0 --out classes_cfg3.png
+
+for w in 0 1 4; do
+  ddpmkit_cfg_files+="flags_cfg$w.png "
 done
+stamp "one category at three CFG scales"
+for w in 0 1 4; do
+  (cd "$OUT" && ddpmkit -q sample --class_label flags --num_images 8 --cfg_scale $w --seed 0 --out "flags_cfg$w.png")
+done
+$PAGE add "$OUT" "$U2" "One category (flags) at CFG scale 0 (unconditional), 1 (plain conditional) and 4 (sharper), same seed." \
+  "for w in 0 1 4; do ddpmkit sample --class_label flags --num_images 8 --cfg_scale \$w --seed 0 --out flags_cfg\$w.png; done" \
+  $ddpmkit_cfg_files
 
-stamp "done in $(( $(date +%s) - start ))s: see $OUT/"
-ls "$OUT"
+for c in BB2266 44CCAA; do
+  show "$U2" "Colour guidance towards #$c (the course's colour loss on the predicted x0, scale 40 per image), DDIM 40 steps; the same seed without guidance is in the first row of the next picture." \
+    "guided_$c.png" \
+    ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 --guide "color:#$c:40" \
+    --out "guided_$c.png"
+done
+show "$U2" "The same 8 unconditional samples without guidance (scale 0), for comparison." "unguided.png" \
+  ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 --out unguided.png
+
+show "$U2" "Before fine-tuning: unconditional samples of emoji32 (seed 1)." "finetune_before.png" \
+  ddpmkit -q sample --class_label none --num_images 16 --seed 1 --out finetune_before.png
+show "$U2" "Fine-tuning emoji32 on one category (flags) for $FT_STEPS steps, the course's finetune_model.py (its loss curve)." \
+  "finetune/loss_curve.png" \
+  ddpmkit -q finetune --start_model emoji32 --dataset emoji:flags --image_size 32 --batch_size 32 --max_steps "$FT_STEPS" \
+  --lr 1e-4 --cache_dir .cache --output_dir finetune --model_save_name emoji32-flags
+show "$U2" "After fine-tuning: the same unconditional samples (seed 1) now lean towards flags." "finetune_after.png" \
+  ddpmkit -q sample --model finetune/emoji32-flags --class_label none --num_images 16 --seed 1 \
+  --out finetune_after.png
+
+show "$U1" "Training from scratch, as Unit 1 does: a tiny UNet on the 4,009 emoji for only $SCRATCH_STEPS steps (the loss curve). This is what early training looks like; emoji32 trained for far longer." \
+  "scratch/loss_curve.png scratch/samples.png" \
+  ddpmkit -q train --dataset emoji --image_size 32 --preset tiny --batch_size 64 --max_steps "$SCRATCH_STEPS" \
+  --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 20 --cache_dir .cache --output_dir scratch
+
+stamp "ddpmkit eval of emoji32 ($EVAL_IMAGES images a side)"
+(cd "$OUT" && ddpmkit -q eval --per_class --num_images "$EVAL_IMAGES" --out eval.json | tee eval.txt)
+$PAGE add "$OUT" "Quality" "ddpmkit eval: FID, KID, precision and recall of emoji32's samples (each category in the data's proportions) against the emoji data, with the floor (two disjoint halves of the data at the same count) beside them." \
+  "ddpmkit eval --per_class --num_images $EVAL_IMAGES --out eval.json" eval.txt
+
+seconds=$(( $(date +%s) - start ))
+$PAGE render "$OUT" --seconds "$seconds"
+stamp "done in ${seconds}s: open $OUT/index.html"

@@ -248,6 +248,8 @@ def _class_labels(args, pipe) -> tuple[list[str], list[int] | None]:
             raise UserError("--cfg_scale needs a class-conditioned model (train one with --class_column label)")
         return [], None
     names = class_names(args.model)
+    if args.class_label is not None and str(args.class_label).strip().lower() in ("none", "null"):
+        return [], None  # the null class: unconditional samples
     if args.class_label is not None:
         return [], [resolve_class_label(args.class_label, names, num_classes)]
     per_class = args.num_images or 8

