@@ -8,21 +8,35 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench speed samplers-table clean
+.PHONY: install demo test test-fast chromium ui-screenshot bench speed samplers-table clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test,eval]'
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test,eval,ui]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The browser test (tests/test_ui.py) drives Debian's chromium: installed here as root when missing; otherwise
+# that one test is skipped and says why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "make: chromium could not be installed: the browser test will be skipped"; \
+	  else echo "make: no /usr/bin/chromium (install it as root: apt-get install chromium): the browser test will be skipped"; fi; \
+	fi
+
+# docs/ui.png, the README's picture of `ddpmkit serve`, taken by the browser test (on the bundled emoji32 where installed)
+ui-screenshot: $(STAMP) chromium
+	DDPMKIT_UI_SCREENSHOT=docs/ui.png $(BIN)/python -m pytest -q tests/test_ui.py -k browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -39,4 +53,4 @@ samplers-table: $(STAMP)
 	$(BIN)/python benchmarks/samplers_table.py
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache test-artifacts

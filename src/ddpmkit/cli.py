@@ -385,6 +385,17 @@ def cmd_models(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serve
+def cmd_serve(args) -> int:
+    from ddpmkit.serve import serve
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535 (got {args.port})")
+    if args.models_dir is not None and not Path(args.models_dir).expanduser().is_dir():
+        raise UserError(f"--models_dir {args.models_dir} is not a folder: give the folder your runs are in")
+    return serve(model=args.model, models_dir=args.models_dir, host=args.host, port=args.port, share=args.share)
+
+
 # ---------------------------------------------------------------------------- schedulers / schedule
 def cmd_schedulers(args) -> int:
     from ddpmkit.schedulers import REGISTRY, is_available
@@ -436,6 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models_dir", default=None, help="folder to search for pipeline folders, 3 levels deep "
                    "(default: the current folder)")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("serve", help="a web app (Gradio) to sample and guide in the browser; needs ddpmkit[ui]",
+                       description="Start the app on localhost (docs/ui.md). Ctrl-C or SIGTERM stops it.")
+    p.add_argument("--model", default=None, help="model shown first: a bundled name, pipeline folder or Hub id "
+                   "(default: the bundled emoji32, else the first folder under --models_dir)")
+    p.add_argument("--models_dir", default=None, help="also offer every pipeline folder under this folder, 3 levels "
+                   "deep")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                   "only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("schedulers", help="list the schedulers (samplers) by name")
     p.set_defaults(func=cmd_schedulers)
