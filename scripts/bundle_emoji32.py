@@ -69,7 +69,8 @@ def write_pipeline(source: Path, staged: Path, run: Path) -> dict:
     return meta
 
 
-def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str) -> str:
+def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str, note: str | None = None,
+               quality_note: str | None = None) -> str:
     from ddpmkit.hub import training_command
 
     b, config = meta["bundled"], meta["train_config"]
@@ -103,6 +104,8 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
             lines += ["Per category: " + "; ".join(f"{n} {c['fid']:.1f}" for n, c in per_class.items()
                                                     if c.get("fid") is not None) + " (FID; small counts per category, "
                       "so each has a high floor of its own).", ""]
+        if quality_note:
+            lines += [quality_note, ""]
         lines += ["The figures are `ddpmkit eval`'s (the standard FID Inception "
                   "features, docs/evaluation.md), computed on the weights as shipped (float16 on disk).", ""]
     lines += ["## Training", "", "```bash", training_command(config), "```", "",
@@ -113,8 +116,9 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
               f"- Recipe: preset `{config['preset']}`, {config.get('prediction_type') or 'epsilon'} prediction, "
               f"AdamW lr {config['lr']} ({config['lr_scheduler']}, {config['lr_warmup_steps']} warm-up steps), "
               f"EMA {'on' if config['use_ema'] else 'off'}, Min-SNR-γ {config.get('snr_gamma') or 'off'}.",
+              "- FID of this run's saved pipelines against training minutes: docs/performance.md (time to quality).",
               "- Chosen by measurement: every candidate trained for the same wall-clock budget and was scored with "
-              "`ddpmkit eval` (benchmarks/emoji32_recipe.py; table below).", ""]
+              "`ddpmkit eval` (benchmarks/emoji32_recipe.py; table below)."] + ([f"- {note}"] if note else []) + [""]
     recipe = ROOT / "benchmarks" / "results" / "emoji32_recipe.md"
     if recipe.exists():
         lines += ["### What was tried", ""] + recipe.read_text().splitlines()[2:] + [""]
@@ -131,11 +135,26 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="the training run folder (loss.jsonl, checkpoints)")
+    parser.add_argument("--run", help="the training run folder (loss.jsonl, checkpoints)")
     parser.add_argument("--pipeline", default=None, help="the pipeline to bundle (default: the run's final one)")
     parser.add_argument("--num_images", type=int, default=2000, help="images on each side of the eval")
     parser.add_argument("--skip_eval", action="store_true")
+    parser.add_argument("--note", default=None, help="one more line for the model card's Training section")
+    parser.add_argument("--quality_note", default=None, help="a paragraph for the model card's Quality section")
+    parser.add_argument("--card_only", action="store_true", help="rewrite README.md from the bundled folder's "
+                        "ddpmkit.json and eval.json (no training run, sampling or eval needed)")
     args = parser.parse_args()
+    grid_args = ["sample", "--model", "emoji32", "--num_images", "8", "--seed", "0", "--out", str(DEST / "samples.png"),
+                 "--scale", "2"]
+    eval_args = ["eval", "--model", "emoji32", "--dataset", "emoji", "--per_class", "--num_images",
+                 str(args.num_images), "--seed", "0", "--out", str(DEST / "eval.json")]
+    show = lambda a: "ddpmkit " + " ".join(x if "/" not in x else Path(x).name for x in a)  # noqa: E731
+    if args.card_only:
+        meta = json.loads((DEST / "ddpmkit.json").read_text())
+        evaluation = json.loads((DEST / "eval.json").read_text())
+        (DEST / "README.md").write_text(model_card(meta, evaluation, show(eval_args), show(grid_args), args.note,
+                                                   args.quality_note))
+        return
     run = Path(args.run).resolve()
     source = Path(args.pipeline).resolve() if args.pipeline else run
     staged = DEST.parent / ".tmp_emoji32"
@@ -146,17 +165,13 @@ def main() -> None:
     if DEST.exists():
         shutil.rmtree(DEST)
     staged.rename(DEST)
-    grid_args = ["sample", "--model", "emoji32", "--num_images", "8", "--seed", "0", "--out", str(DEST / "samples.png"),
-                 "--scale", "2"]
     ddpmkit("-q", *grid_args)
-    eval_args = ["eval", "--model", "emoji32", "--dataset", "emoji", "--per_class", "--num_images",
-                 str(args.num_images), "--seed", "0", "--out", str(DEST / "eval.json")]
     evaluation = None
     if not args.skip_eval:
         ddpmkit(*eval_args)
         evaluation = json.loads((DEST / "eval.json").read_text())
-    show = lambda a: "ddpmkit " + " ".join(x if "/" not in x else Path(x).name for x in a)  # noqa: E731
-    (DEST / "README.md").write_text(model_card(meta, evaluation, show(eval_args), show(grid_args)))
+    (DEST / "README.md").write_text(model_card(meta, evaluation, show(eval_args), show(grid_args), args.note,
+                                               args.quality_note))
     print(f"bundled {source} as {DEST} ({sum(f.stat().st_size for f in DEST.rglob('*') if f.is_file()) / 2**20:.1f} MB)")
 
 

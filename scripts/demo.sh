@@ -4,8 +4,8 @@
 # set the two short training runs; DEMO_EVAL_IMAGES the eval count.
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-output}
-FT_STEPS=${DEMO_FT_STEPS:-40}
-SCRATCH_STEPS=${DEMO_SCRATCH_STEPS:-100}
+FT_STEPS=${DEMO_FT_STEPS:-30}
+SCRATCH_STEPS=${DEMO_SCRATCH_STEPS:-60}
 EVAL_IMAGES=${DEMO_EVAL_IMAGES:-250}
 PAGE="python scripts/demo_page.py"
 rm -rf "$OUT/manifest.jsonl" && mkdir -p "$OUT"
@@ -40,9 +40,9 @@ show "$U1" "The bundled model emoji32 with the default sampler (auto): one row p
   "samples_auto.png" \
   ddpmkit -q sample --num_images 8 --seed 0 --out samples_auto.png
 
-show "$U1" "The course's sampling loop: DDPM with all 1000 steps, for comparison (4 smileys, seed 0), and the trajectory of those samples: x_t (noisy image) and the predicted x0 every 100 steps." \
+show "$U1" "The course's sampling loop: DDPM with all 1000 steps, for comparison (2 smileys, seed 0), and the trajectory of those samples: x_t (noisy image) and the predicted x0 every 100 steps." \
   "samples_ddpm1000.png samples_ddpm1000_trajectory.png" \
-  ddpmkit -q sample --scheduler ddpm --class_label smileys-emotion --num_images 4 --seed 0 --trajectory 100 \
+  ddpmkit -q sample --scheduler ddpm --class_label smileys-emotion --num_images 2 --seed 0 --trajectory 100 \
   --out samples_ddpm1000.png
 
 show "$U2" "Fast samplers at few steps, same seed: each column a scheduler (DDIM 10, DPM++ 10, DEIS 10, DDIM 50): food & drink." \
@@ -71,23 +71,21 @@ for c in BB2266 44CCAA; do
     ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 --guide "color:#$c:40" \
     --out "guided_$c.png"
 done
-show "$U2" "The same 8 unconditional samples without guidance (scale 0), for comparison." "unguided.png" \
+show "$U2" "The same 8 unconditional samples without guidance (scale 0), for comparison; they are also the 'before' of the fine-tune below." "unguided.png" \
   ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 --out unguided.png
-
-show "$U2" "Before fine-tuning: unconditional samples of emoji32 (seed 1)." "finetune_before.png" \
-  ddpmkit -q sample --class_label none --num_images 16 --seed 1 --out finetune_before.png
 show "$U2" "Fine-tuning emoji32 on one category (flags) for $FT_STEPS steps, the course's finetune_model.py (its loss curve)." \
   "finetune/loss_curve.png" \
   ddpmkit -q finetune --start_model emoji32 --dataset emoji:flags --image_size 32 --batch_size 32 --max_steps "$FT_STEPS" \
   --lr 1e-4 --cache_dir .cache --output_dir finetune --model_save_name emoji32-flags
-show "$U2" "After fine-tuning: the same unconditional samples (seed 1) now lean towards flags." "finetune_after.png" \
-  ddpmkit -q sample --model finetune/emoji32-flags --class_label none --num_images 16 --seed 1 \
+show "$U2" "After fine-tuning: the same unconditional samples as in the unguided picture above (seed 0, DDIM 40), now leaning towards flags." \
+  "unguided.png finetune_after.png" \
+  ddpmkit -q sample --model finetune/emoji32-flags --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 \
   --out finetune_after.png
 
 show "$U1" "Training from scratch, as Unit 1 does: a tiny UNet on the 4,009 emoji for only $SCRATCH_STEPS steps (the loss curve). This is what early training looks like; emoji32 trained for far longer." \
   "scratch/loss_curve.png scratch/samples.png" \
-  ddpmkit -q train --dataset emoji --image_size 32 --preset tiny --batch_size 64 --max_steps "$SCRATCH_STEPS" \
-  --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 20 --cache_dir .cache --output_dir scratch
+  ddpmkit -q train --dataset emoji --image_size 32 --preset tiny --batch_size 32 --max_steps "$SCRATCH_STEPS" \
+  --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 10 --cache_dir .cache --output_dir scratch
 
 stamp "ddpmkit eval of emoji32 ($EVAL_IMAGES images a side)"
 (cd "$OUT" && ddpmkit -q eval --per_class --num_images "$EVAL_IMAGES" --out eval.json | tee eval.txt)
