@@ -36,7 +36,7 @@ chromium:
 
 # docs/ui.png, the README's picture of `ddpmkit serve`, taken by the browser test (on the bundled emoji32 where installed)
 ui-screenshot: $(STAMP) chromium
-	DDPMKIT_UI_SCREENSHOT=docs/ui.png $(BIN)/python -m pytest -q tests/test_ui.py -k browser
+	DDPMKIT_UI_MODEL=emoji32 DDPMKIT_UI_SCREENSHOT=docs/ui.png $(BIN)/python -m pytest -q tests/test_ui.py -k browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
