@@ -24,7 +24,7 @@ from PIL import Image
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from ddpmkit.guidance import parse_color
-from ddpmkit.models import bundled_models, describe_model, model_path
+from ddpmkit.models import describe_model, model_path
 from ddpmkit.serve import MAX_UPLOAD_MB, Request, Studio
 
 CLASS_NAMES = ["red square", "blue circle"]
