@@ -15,8 +15,9 @@ from PIL import Image
 
 from conftest import make_micro_unet, save_plain_pipeline
 from ddpmkit.cli import main
+from ddpmkit.errors import UserError
 from ddpmkit.sampling import denoise, sample
-from ddpmkit.schedulers import REGISTRY, make_scheduler, scheduler_names
+from ddpmkit.schedulers import AUTO_CHOICE, REGISTRY, make_scheduler, resolve, scheduler_names
 
 NAMES = scheduler_names()
 STEPS = 6
@@ -187,12 +188,63 @@ def test_ddim_eta_0_is_a_deterministic_map_from_x_T(micro_pipe, training_schedul
     assert (run(1.0, 1) - run(1.0, 2)).abs().max() > 1e-2  # eta 1 adds fresh noise each step
 
 
-def test_schedulers_command_lists_every_name(capsys):
+def test_schedulers_command_prints_each_ones_defaults_and_figures(capsys):
     assert main(["schedulers"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == NAMES
-    for line, name in zip(lines, NAMES):
-        assert f"{REGISTRY[name].default_steps} steps" in line and "not installed" not in line
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert [line.split()[0] for line in heads] == ["auto", *NAMES]
+    auto, steps, _ = resolve("auto")
+    assert heads[0].startswith(f"auto      {auto}, {steps} steps")
+    for head, name in zip(heads[1:], NAMES):
+        _, steps, options = resolve(name)
+        assert head.split()[1:3] == [str(steps), "steps" + ("," if options else "")]
+        assert ("karras" in head) == bool(options.get("karras")) and "not installed" not in head
+        block = lines[lines.index(head) + 1:lines.index(head) + 3]
+        assert block[0].strip() == REGISTRY[name].description
+        assert block[1].strip().startswith("exact-score model, linear / cosine: spread "), block[1]
+        assert block[1].endswith("matches ddpm-1000") or (name == "ddpm" and block[1].endswith("the reference"))
+
+
+def test_defaults_fill_what_is_not_given_and_flags_reach_the_plain_settings():
+    name, steps, options = resolve("dpm++")
+    spec = REGISTRY["dpm++"]
+    assert (name, steps, options) == ("dpm++", spec.default_steps, spec.defaults) and options["karras"]
+    assert resolve("dpm++", 40)[1:] == (40, spec.defaults)  # --steps alone keeps the options
+    assert resolve("dpm++", karras=False)[2] == {**spec.defaults, "karras": False}  # --no-karras
+    plain = resolve("dpm++", timestep_spacing="trailing")[2]  # a spacing alone: uniform steps, so no Karras
+    assert "karras" not in plain and plain["timestep_spacing"] == "trailing"
+    both = resolve("dpm++", karras=True, timestep_spacing="trailing")[2]
+    assert both["karras"] and both["timestep_spacing"] == "trailing"
+    assert resolve("ddpm") == ("ddpm", 1000, {})
+    auto = {k: v for k, v in AUTO_CHOICE.items() if k not in ("scheduler", "steps")}
+    assert resolve("auto") == (AUTO_CHOICE["scheduler"], AUTO_CHOICE["steps"], auto)  # auto as it was
+    with pytest.raises(UserError, match="unknown scheduler"):
+        resolve("nope")
+
+
+def test_sample_at_a_schedulers_defaults_is_the_explicit_setting(point_mass_pipe):
+    for name in ("dpm++", "heun", "ddim"):
+        _, steps, options = resolve(name)
+        alone = sample(point_mass_pipe, scheduler=name, num_images=2, seed=0, progress=False)
+        explicit = sample(point_mass_pipe, scheduler=name, steps=steps, num_images=2, seed=0, progress=False,
+                          **options)
+        assert torch.equal(alone.images, explicit.images) and alone.settings == {"scheduler": name, "steps": steps,
+                                                                                 **options}
+    plain = sample(point_mass_pipe, scheduler="dpm++", steps=8, karras=False, num_images=2, seed=0, progress=False)
+    scheduler = make_scheduler("dpm++", point_mass_pipe.scheduler.config, solver_order=REGISTRY["dpm++"].defaults.get(
+        "solver_order"))
+    scheduler.set_timesteps(8)
+    assert plain.timesteps == [float(t) for t in scheduler.timesteps]  # --no-karras: the model's uniform spacing
+
+
+def test_sample_help_names_every_schedulers_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = capsys.readouterr().out
+    for name in ["auto", *NAMES]:
+        scheduler, steps, options = resolve(name)
+        line = next(line for line in text.splitlines() if line.startswith(f"  {name} "))
+        assert f"{steps} steps" in line and ("karras" in line) == bool(options.get("karras")), line
 
 
 @pytest.fixture(scope="module")
