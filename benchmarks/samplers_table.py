@@ -362,11 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the .json and .md")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "samplers.md"), help="docs page to update")
     parser.add_argument("--no_ship", action="store_true", help=f"do not write src/ddpmkit/{FIGURES_FILE.name}")
+    parser.add_argument("--workers", type=int, default=len(SCHEDULES),
+                        help="processes, one thread each (default: one per schedule; 1 on a busy machine)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("samplers_table")
     t_start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=len(SCHEDULES)) as pool:  # one process per schedule, one thread each
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:  # a process per schedule, one thread each
         futures = {s: pool.submit(measure_schedule, s, args.num_images, args.seed, args.quick, args.defaults)
                    for s in SCHEDULES}
         parts = {s: f.result() for s, f in futures.items()}

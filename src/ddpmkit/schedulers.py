@@ -55,20 +55,19 @@ REGISTRY: dict[str, SchedulerSpec] = {
     "dpm++": SchedulerSpec("DPMSolverMultistepScheduler", "DPM-Solver++ (Lu et al. 2022): multistep ODE solver", 25,
                            {"algorithm_type": "dpmsolver++"}, {"karras": True, "solver_order": 3}),
     "dpm++sde": SchedulerSpec("DPMSolverSDEScheduler", "DPM-Solver++ SDE (Lu et al. 2022): stochastic, 2 model calls "
-                              "per step (needs torchsde)", 30, defaults={"karras": True}),
+                              "per step (needs torchsde)", 40, defaults={"karras": True}),
     "unipc": SchedulerSpec("UniPCMultistepScheduler", "UniPC (Zhao et al. 2023): predictor-corrector multistep", 25,
                            defaults={"karras": True, "solver_order": 3}),
     "euler": SchedulerSpec("EulerDiscreteScheduler", "Euler (Karras et al. 2022, Algorithm 2 without churn): first-"
-                           "order ODE", 100, defaults={"karras": True}),
+                           "order ODE", 125, defaults={"karras": True}),
     "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler", "Euler ancestral: Euler steps with fresh noise each "
                              "step", 1000),
     "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun (Karras et al. 2022, Algorithm 1): second order, 2 model "
                           "calls per step", 40, defaults={"karras": True}),
-    "lms": SchedulerSpec("LMSDiscreteScheduler", "Linear multistep (k-diffusion's LMS)", 25, defaults={"karras": True}),
+    "lms": SchedulerSpec("LMSDiscreteScheduler", "Linear multistep (k-diffusion's LMS)", 30, defaults={"karras": True}),
     "deis": SchedulerSpec("DEISMultistepScheduler", "DEIS (Zhang & Chen 2023): exponential integrator multistep", 15,
                           defaults={"karras": True, "solver_order": 3}),
 }
-OPTIONS = ("karras", "timestep_spacing", "solver_order")  # the sampler options a user may set, by their flag names
 
 
 # `scheduler="auto"` (the default of `ddpmkit sample` and `ddpmkit.sample`): the fewest model calls whose samples
