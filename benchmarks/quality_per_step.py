@@ -98,8 +98,9 @@ def measure_row(pipe, counter: CallCounter, scheduler: str, steps: int, options:
                       seed=args.seed, per_class=per_class, batch_size=args.batch_size, dtype="fp32",
                       label_column=args.label_column, cache_dir=args.cache_dir, floor=True, device=args.device,
                       progress=not args.quiet, **options)
+    nfe = counter.rows / result.num_generated  # a CFG pair would count two: this table samples without CFG
     return {"scheduler": scheduler, "steps": steps, "options": options, "label": settings_label(scheduler, options),
-            "nfe": counter.rows / result.num_generated, "unet_forwards": counter.calls,
+            "nfe": int(nfe) if nfe.is_integer() else nfe, "unet_forwards": counter.calls,
             "fid": result.fid, "kid_mean": result.kid_mean, "kid_std": result.kid_std, "precision": result.precision,
             "recall": result.recall, "floor": result.floor, "per_class": result.per_class,
             "seconds": round(time.perf_counter() - start, 1), "eval": result.to_dict()}
