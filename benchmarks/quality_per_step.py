@@ -106,6 +106,12 @@ def measure_row(pipe, counter: CallCounter, scheduler: str, steps: int, options:
             "seconds": round(time.perf_counter() - start, 1), "eval": result.to_dict()}
 
 
+def table_label(scheduler: str, options: dict) -> str:
+    """The exact-score table's name for a setting: diffusers' plain values (no Karras, order 2) are not named."""
+    named = {k: v for k, v in options.items() if not (k == "karras" and not v) and not (k == "solver_order" and v == 2)}
+    return settings_label(scheduler, named)
+
+
 def exact_score_lookup() -> dict:
     """label + steps -> (linear row, cosine row) of the exact-score table, when it is there."""
     if not EXACT_SCORE.is_file():
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp.replace(path)  # complete or absent: a kill mid-row leaves no result
             log.info("%s: FID %.2f, %g model calls per image, %.0f s", row_id, measured["fid"], measured["nfe"],
                      measured["seconds"])
-            pair = exact.get((measured["label"], steps))
+            pair = exact.get((table_label(scheduler, options), steps))
             rows.append({"row": row_id, **{k: v for k, v in measured.items() if k != "eval"},
                          "exact_score": exact_cell(pair)})
     finally:

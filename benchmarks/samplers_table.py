@@ -87,8 +87,19 @@ def label(name: str, options: dict) -> str:
     return settings_label(name, options)
 
 
+PLAIN = {"karras": False, "solver_order": 2}  # diffusers' own defaults for the options the registry may default
+
+
+def explicit(name: str, options: dict) -> dict:
+    """A measured setting with nothing left to the registry's defaults: diffusers' plain options, then `options`
+    (the `defaults` and `auto` rows name all of theirs, so they are what `--scheduler NAME` alone runs)."""
+    accepted = inspect.signature(_scheduler_class(name).__init__).parameters
+    plain = {k: v for k, v in PLAIN.items() if {"karras": "use_karras_sigmas"}.get(k, k) in accepted}
+    return {**plain, **options}
+
+
 def run_ddpmkit(pipe, name: str, steps: int, options: dict, n: int, seed: int) -> tuple[torch.Tensor, int]:
-    out = sample(pipe, scheduler=name, steps=steps, num_images=n, seed=seed, progress=False, **options)
+    out = sample(pipe, scheduler=name, steps=steps, num_images=n, seed=seed, progress=False, **explicit(name, options))
     return out.images, out.nfe
 
 

@@ -60,7 +60,7 @@ REGISTRY: dict[str, SchedulerSpec] = {
     "unipc": SchedulerSpec("UniPCMultistepScheduler", "UniPC (Zhao et al. 2023): predictor-corrector multistep", 25,
                            defaults={"karras": True, "solver_order": 3}),
     "euler": SchedulerSpec("EulerDiscreteScheduler", "Euler (Karras et al. 2022, Algorithm 2 without churn): first-"
-                           "order ODE", 150, defaults={"karras": True}),
+                           "order ODE", 200, defaults={"karras": True}),
     "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler", "Euler ancestral: Euler steps with fresh noise each "
                              "step", 1000),
     "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun (Karras et al. 2022, Algorithm 1): second order, 2 model "
