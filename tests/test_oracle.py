@@ -151,7 +151,8 @@ def test_every_scheduler_samples_the_distribution(name, schedule, pipes, truth):
 @pytest.mark.parametrize("name, steps", [("dpm++", 20), ("unipc", 20), ("deis", 20), ("dpm++", 50), ("unipc", 50)])
 def test_karras_multistep_on_a_cosine_model(name, steps, pipes, truth):
     """diffusers 0.42 crashes here (IndexError / AssertionError): the Karras range reached sigma 20,291."""
-    scores, out = run(pipes["squaredcos_cap_v2"], name, steps, karras=True)
+    # order 2 pinned: the registry's default order 3 over-disperses below its default 25 steps (docs/samplers.md)
+    scores, out = run(pipes["squaredcos_cap_v2"], name, steps, karras=True, solver_order=2)
     assert out.nfe == steps and len(set(out.timesteps)) == steps
     assert 0.9 <= scores["spread"] <= 1.15 and scores["swd"] <= 1.3 * truth["swd"]["max"]
 

@@ -197,7 +197,6 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     asked = scheduler
     scheduler, steps, options = resolve(scheduler, steps, karras=karras, timestep_spacing=timestep_spacing,
                                         solver_order=solver_order)
-    logger.info("scheduler %s%s, %d steps", "auto: " if asked == AUTO else "", settings_label(scheduler, options), steps)
     sched = make_scheduler(scheduler, pipe.scheduler.config, **options, seed=seed, steps=steps, sigma_max=sigma_max)
     limit = sched.config.num_train_timesteps
     if steps > limit:
@@ -207,6 +206,7 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
     step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
+    logger.info("scheduler %s%s, %d steps", "auto: " if asked == AUTO else "", settings_label(scheduler, options), steps)
     labels = _class_label_tensor(unet, class_labels, num_images)
     cfg_rows = 2 if labels is not None and cfg_scale not in (0.0, 1.0) else 1
     was_training = unet.training
