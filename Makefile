@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast chromium ui-screenshot bench speed samplers-table clean
+.PHONY: install demo test test-fast chromium ui-screenshot bench speed samplers-table quality-table clean
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ speed: $(STAMP)
 
 samplers-table: $(STAMP)
 	$(BIN)/python benchmarks/samplers_table.py
+
+# FID vs model calls per sampler on the bundled model (docs/samplers.md). Resumable; ddpm-1000 is hours on a CPU:
+# run it in the background, or on a GPU with QUALITY_ARGS="--device cuda".
+QUALITY_ARGS ?=
+quality-table: $(STAMP)
+	$(BIN)/python benchmarks/quality_per_step.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf demo-output .pytest_cache test-artifacts

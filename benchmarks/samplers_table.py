@@ -7,16 +7,20 @@ squaredcos_cap_v2 betas, so any distance to the true distribution is the sampler
     mode TV <= max(ddpm-1000's, the largest of 20 true sample sets'),
     SWD     <= max(ddpm-1000's, the largest of 20 true sample sets'),
 all at the same sample count. The default (`scheduler="auto"`) is the setting with the fewest model calls
-that matches on both schedules at its step count and at every larger step count measured.
+that matches on both schedules at its step count and at every larger step count measured; each scheduler's own
+defaults (`REGISTRY[name].defaults`) are the same choice among that scheduler's settings.
 
-    make samplers-table                                      # 4-8 minutes on 2 cores
+    make samplers-table                                      # 4-8 minutes on 2 idle cores
+    python benchmarks/samplers_table.py --defaults           # each scheduler at its defaults only
     python benchmarks/samplers_table.py --num_images 500 --quick   # a smoke run in seconds
 
-Writes benchmarks/results/samplers_table.{json,md} and the generated part of docs/samplers.md.
+Writes benchmarks/results/samplers_table.{json,md}, sampler_defaults.{json,md}, the generated parts of
+docs/samplers.md and src/ddpmkit/sampler_figures.json (the figures 'ddpmkit schedulers' prints).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
 import json
 import logging
@@ -36,13 +40,22 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ddpmkit.oracle import evaluate, oracle_pipeline, true_sample_range  # noqa: E402
 from ddpmkit.sampling import denoise, sample  # noqa: E402
-from ddpmkit.schedulers import AUTO_CHOICE, REGISTRY, SIGMA_MAX, _scheduler_class  # noqa: E402
+from ddpmkit.schedulers import (AUTO_CHOICE, FIGURES_FILE, REGISTRY, SIGMA_MAX, _scheduler_class,  # noqa: E402
+                                resolve, settings_label)
 
 SCHEDULES = ("linear", "squaredcos_cap_v2")
 STEPS = (5, 8, 10, 15, 20, 25, 30, 40, 50)
-SDE_STEPS = (10, 15, 20, 30, 50)  # dpm++sde's Brownian tree costs ~50x a model call here: fewer points
+SDE_STEPS = (10, 15, 20, 30, 40, 50)  # dpm++sde's Brownian tree costs ~50x a model call here: fewer points
 QUICK_STEPS = (10, 30)
+# Schedulers with no setting matching ddpm-1000 by 50 steps: their best variant measured further, so each has a
+# default. Leading spacing at a count that does not divide T = 1000 starts far below the top (ddim 400: t = 798,
+# sigma 3 on a cosine model): the counts here divide it.
+EXTENDED = {"ddim": ({}, (100, 125, 200, 250, 500, 1000)), "euler_a": ({}, (100, 125, 200, 250, 500, 1000)),
+            "euler": ({"karras": True}, (75, 100, 125, 150, 200))}
 SPREAD_SLACK = 0.02  # ddpm-1000 itself is 4-7% under 1 (closed form: oracle.ddpm_spread_ratio)
+# A default (auto's, each scheduler's) must match with its spread this far inside the bound: two sampling errors of
+# the spread at 500 samples (0.0046), the count tests/test_oracle.py holds every default to the bounds at.
+SPREAD_MARGIN = 0.01
 # The failures reported in issue 5 (and the trailing-spacing bug), measured before (plain diffusers 0.42, full
 # schedule) and after (ddpmkit: sigma cap, exact Karras timesteps, trailing repair), on both schedules.
 REPRO = (
@@ -52,6 +65,7 @@ REPRO = (
     ("ddim", {}, 20), ("dpm++", {}, 20), ("unipc", {}, 20), ("euler", {}, 20), ("dpm++", {"karras": True}, 10),
 )
 DOC_START, DOC_END = "<!-- samplers-table:start -->", "<!-- samplers-table:end -->"
+DEFAULTS_START, DEFAULTS_END = "<!-- sampler-defaults:start -->", "<!-- sampler-defaults:end -->"
 
 
 def variants(name: str) -> list[dict]:
@@ -70,18 +84,22 @@ def variants(name: str) -> list[dict]:
 
 
 def label(name: str, options: dict) -> str:
-    parts = [name]
-    if options.get("karras"):
-        parts.append("karras")
-    if "timestep_spacing" in options:
-        parts.append(options["timestep_spacing"])
-    if "solver_order" in options:
-        parts.append(f"order {options['solver_order']}")
-    return " ".join(parts)
+    return settings_label(name, options)
+
+
+PLAIN = {"karras": False, "solver_order": 2}  # diffusers' own defaults for the options the registry may default
+
+
+def explicit(name: str, options: dict) -> dict:
+    """A measured setting with nothing left to the registry's defaults: diffusers' plain options, then `options`
+    (the `defaults` and `auto` rows name all of theirs, so they are what `--scheduler NAME` alone runs)."""
+    accepted = inspect.signature(_scheduler_class(name).__init__).parameters
+    plain = {k: v for k, v in PLAIN.items() if {"karras": "use_karras_sigmas"}.get(k, k) in accepted}
+    return {**plain, **options}
 
 
 def run_ddpmkit(pipe, name: str, steps: int, options: dict, n: int, seed: int) -> tuple[torch.Tensor, int]:
-    out = sample(pipe, scheduler=name, steps=steps, num_images=n, seed=seed, progress=False, **options)
+    out = sample(pipe, scheduler=name, steps=steps, num_images=n, seed=seed, progress=False, **explicit(name, options))
     return out.images, out.nfe
 
 
@@ -123,8 +141,9 @@ def passes(row: dict, bounds: dict) -> bool:
             and row["mode_tv"] <= bounds["mode_tv"] and row["swd"] <= bounds["swd"])
 
 
-def measure_schedule(schedule: str, n: int, seed: int, quick: bool) -> dict:
-    """Everything measured on one schedule (one worker process per schedule)."""
+def measure_schedule(schedule: str, n: int, seed: int, quick: bool, defaults_only: bool = False) -> dict:
+    """Everything measured on one schedule (one worker process per schedule); `defaults_only`: each scheduler at
+    its defaults and nothing else."""
     torch.set_num_threads(1)  # tiny tensors: one thread per process is many times faster than sharing two
     warnings.filterwarnings("ignore")
     log = logging.getLogger("samplers_table")
@@ -140,6 +159,16 @@ def measure_schedule(schedule: str, n: int, seed: int, quick: bool) -> dict:
         out["rows"].append({**row, "kind": kind, "schedule": schedule, "scheduler": name, "options": options,
                             "label": label(name, options), "steps": steps, "pass": passes(row, bounds)})
 
+    for name in REGISTRY:  # each scheduler at its defaults: what `--scheduler NAME` alone runs
+        _, steps, options = resolve(name)
+        if name == "ddpm" and steps == 1000 and not options:
+            out["rows"].append({**base, "kind": "defaults", "schedule": schedule, "scheduler": name, "options": {},
+                                "label": label(name, {}), "steps": steps, "pass": passes(base, bounds)})
+        else:
+            add("defaults", run_ddpmkit, name, options, steps)
+    if defaults_only:
+        out["seconds"] = round(time.perf_counter() - t_start, 1)
+        return out
     for steps in (50, 100, 250, 500):
         add("grid", run_ddpmkit, "ddpm", {}, steps)
     for name in REGISTRY:
@@ -148,6 +177,10 @@ def measure_schedule(schedule: str, n: int, seed: int, quick: bool) -> dict:
         for options in variants(name):
             grid = QUICK_STEPS if quick else SDE_STEPS if name == "dpm++sde" else STEPS
             for steps in grid:
+                add("grid", run_ddpmkit, name, options, steps)
+        if name in EXTENDED and not quick:
+            options, more = EXTENDED[name]
+            for steps in more:
                 add("grid", run_ddpmkit, name, options, steps)
         log.info("%s %s done (%.0f s)", schedule, name, time.perf_counter() - t_start)
     if not quick:
@@ -161,16 +194,22 @@ def measure_schedule(schedule: str, n: int, seed: int, quick: bool) -> dict:
     return out
 
 
-def choose(rows: list[dict]) -> dict | None:
-    """Fewest NFE among settings that match on every schedule at their step count and at all larger ones measured."""
+def choose(rows: list[dict], bounds: dict, scheduler: str | None = None) -> dict | None:
+    """Fewest NFE among settings that match on every schedule, with the spread SPREAD_MARGIN inside its bound, at
+    their step count and at all larger ones measured (of one scheduler's settings when `scheduler` is given: its
+    default)."""
     by_setting: dict[str, list[dict]] = {}
     for row in rows:
-        if row["kind"] == "grid" and row["scheduler"] != "ddpm":
+        if row["kind"] == "grid" and row["scheduler"] != "ddpm" and scheduler in (None, row["scheduler"]):
             by_setting.setdefault(row["label"], []).append(row)
+
+    def robust(row: dict) -> bool:
+        return row["pass"] and abs(row["spread"] - 1) <= bounds[row["schedule"]]["spread_dev"] - SPREAD_MARGIN
+
     candidates = []
     for setting_rows in by_setting.values():
         for steps in sorted({r["steps"] for r in setting_rows}):
-            if all(r["pass"] for r in setting_rows if r["steps"] >= steps):
+            if all(robust(r) for r in setting_rows if r["steps"] >= steps):
                 first = [r for r in setting_rows if r["steps"] == steps]
                 worst = max(abs(r["spread"] - 1) for r in first)
                 candidates.append((max(r["nfe"] for r in first), worst, first[0]))
@@ -233,8 +272,8 @@ def markdown(result: dict) -> str:
     lines += ["", "Every setting (ddpmkit), spread / mode TV / SWD:", "",
               "| setting | steps | NFE | linear | cosine | center error lin / cos | matches |",
               "|---|---|---|---|---|---|---|"]
-    for (kind, name, steps), pair in grouped(result["rows"], ("grid", "auto")).items():
-        name = f"auto = {name}" if kind == "auto" else name
+    for (kind, name, steps), pair in grouped(result["rows"], ("defaults", "grid", "auto")).items():
+        name = f"{kind} = {name}" if kind in ("auto", "defaults") else name
         nfe = next((r["nfe"] for r in pair.values() if r.get("nfe")), "-")
         centers = " / ".join(f"{pair[s]['center']:.4f}" if "center" in pair.get(s, {}) else "-" for s in SCHEDULES)
         ok = "yes" if len(pair) == len(SCHEDULES) and all(r.get("pass") for r in pair.values()) else ""
@@ -244,7 +283,8 @@ def markdown(result: dict) -> str:
 
 def compact(result: dict) -> str:
     """For docs/samplers.md: the bounds, the before/after rows and spread per setting x steps."""
-    steps = sorted({r["steps"] for r in result["rows"] if r["kind"] == "grid" and r["scheduler"] != "ddpm"})
+    steps = sorted({r["steps"] for r in result["rows"] if r["kind"] == "grid" and r["scheduler"] != "ddpm"
+                    and r["steps"] in STEPS})
     choice = result["choice"]
     lines = header(result)
     lines += ["", "Before / after, spread / mode TV / SWD:", ""] + repro_table(result)
@@ -253,10 +293,27 @@ def compact(result: dict) -> str:
               + (f"Chosen default (`auto`): **{choice['label']}, {choice['steps']} steps** ({choice['nfe']} model "
                  "calls)." if choice else "No setting matched."), "",
               "| setting | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    lines += spread_rows(result, steps)
+    more = sorted({st for _, extra in EXTENDED.values() for st in extra})
+    if any(r["steps"] in more for r in result["rows"] if r["kind"] == "grid" and r["scheduler"] in EXTENDED):
+        lines += ["", "Further step counts for the schedulers with no setting matching by 50 steps:", "",
+                  "| setting | " + " | ".join(str(s) for s in more) + " |", "|---|" + "---|" * len(more)]
+        lines += spread_rows(result, more, only=[label(n, o) for n, (o, _) in EXTENDED.items()])
+    ddpm = [r for r in result["rows"] if r["kind"] == "grid" and r["scheduler"] == "ddpm"]
+    spreads = {s: " / ".join("%.2f" % r["spread"] for r in ddpm if r["steps"] == s)
+               for s in sorted({r["steps"] for r in ddpm})}
+    lines += ["", "ddpm at fewer steps, spread linear / cosine: "
+              + ", ".join(f"{s} steps {v}" for s, v in spreads.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def spread_rows(result: dict, steps: list[int], only: list[str] | None = None) -> list[str]:
+    """One line per setting: spread linear / cosine at each step count, bold where it matches on both."""
     table: dict = {}
     for row in result["rows"]:
-        if row["kind"] == "grid" and row["scheduler"] != "ddpm":
+        if row["kind"] == "grid" and row["scheduler"] != "ddpm" and (only is None or row["label"] in only):
             table.setdefault(row["label"], {}).setdefault(row["steps"], {})[row["schedule"]] = row
+    lines = []
     for name, per_steps in table.items():
         out = []
         for s in steps:
@@ -267,20 +324,50 @@ def compact(result: dict) -> str:
             text = " / ".join("err" if "error" in pair[k] else f"{pair[k]['spread']:.2f}" for k in SCHEDULES)
             out.append(f"**{text}**" if all(r.get("pass") for r in pair.values()) else text)
         lines.append(f"| {name} | " + " | ".join(out) + " |")
-    ddpm = [r for r in result["rows"] if r["kind"] == "grid" and r["scheduler"] == "ddpm"]
-    spreads = {s: " / ".join("%.2f" % r["spread"] for r in ddpm if r["steps"] == s)
-               for s in sorted({r["steps"] for r in ddpm})}
-    lines += ["", "ddpm at fewer steps, spread linear / cosine: "
-              + ", ".join(f"{s} steps {v}" for s, v in spreads.items()) + "."]
+    return lines
+
+
+def scheduler_figures(result: dict) -> dict:
+    """Each scheduler at its defaults, per schedule (what ships as ddpmkit/sampler_figures.json)."""
+    out = {}
+    for name in REGISTRY:
+        pair = {r["schedule"]: r for r in result["rows"] if r["kind"] == "defaults" and r["scheduler"] == name}
+        if len(pair) < len(SCHEDULES) or any("error" in r for r in pair.values()):
+            continue
+        first = pair[SCHEDULES[0]]
+        out[name] = {"steps": first["steps"], "options": first["options"], "nfe": first["nfe"],
+                     "matches": all(r["pass"] for r in pair.values()), "reference": name == "ddpm",
+                     **{s: {k: r[k] for k in ("spread", "mode_tv", "swd", "center")} for s, r in pair.items()}}
+    return {key: result[key] for key in ("model", "num_images", "seed", "sigma_max", "torch", "diffusers", "measured",
+                                         "bounds", "spread_slack", "spread_margin")} | {"schedulers": out}
+
+
+def defaults_table(result: dict) -> str:
+    """For docs/samplers.md: every scheduler at its defaults, the figures 'ddpmkit schedulers' prints."""
+    figures = scheduler_figures(result)["schedulers"]
+    best = result.get("default_choice") or {}
+    lines = [f"{result['num_images']} samples per run, seed {result['seed']}; bounds as above (ddpm-1000 and true "
+             f"samples at this count). Regenerate with `make samplers-table` (or `--defaults`: these rows only).", "",
+             "| scheduler | defaults | model calls | spread lin / cos | mode TV lin / cos | SWD lin / cos "
+             "| matches ddpm-1000 |", "|---|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        lin, cos = f["linear"], f["squaredcos_cap_v2"]
+        verdict = "reference" if f["reference"] else "yes" if f["matches"] else "**no**"
+        chosen = best.get(name)
+        if chosen and (chosen["steps"], chosen["label"]) != (f["steps"], label(name, f["options"])):
+            verdict += f" (measured best: {chosen['label']}, {chosen['steps']} steps)"
+        lines.append(f"| {name} | {settings_label(name, f['options'], f['steps']).removeprefix(name).strip(' ,')} | "
+                     f"{f['nfe']} | {lin['spread']:.3f} / {cos['spread']:.3f} | {lin['mode_tv']:.3f} / "
+                     f"{cos['mode_tv']:.3f} | {lin['swd']:.4f} / {cos['swd']:.4f} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
-def update_docs(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else f"{DOC_START}\n{DOC_END}\n"
-    if DOC_START not in text:
-        text += f"\n{DOC_START}\n{DOC_END}\n"
-    pattern = re.compile(re.escape(DOC_START) + ".*?" + re.escape(DOC_END), re.S)
-    path.write_text(pattern.sub(lambda _: f"{DOC_START}\n{block}{DOC_END}", text))
+def update_docs(path: Path, block: str, start: str = DOC_START, end: str = DOC_END) -> None:
+    text = path.read_text() if path.exists() else f"{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda _: f"{start}\n{block}{end}", text))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,35 +375,65 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_images", type=int, default=4000, help="samples per run (default: 4000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="steps 10 and 30 only, no before/after, no docs update")
+    parser.add_argument("--defaults", action="store_true",
+                        help="only each scheduler at its defaults: sampler_defaults.{json,md}, the shipped figures "
+                             "and their docs block (1-3 minutes)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the .json and .md")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "samplers.md"), help="docs page to update")
+    parser.add_argument("--no_ship", action="store_true", help=f"do not write src/ddpmkit/{FIGURES_FILE.name}")
+    parser.add_argument("--workers", type=int, default=len(SCHEDULES),
+                        help="processes, one thread each (default: one per schedule; 1 on a busy machine)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("samplers_table")
     t_start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=len(SCHEDULES)) as pool:  # one process per schedule, one thread each
-        futures = {s: pool.submit(measure_schedule, s, args.num_images, args.seed, args.quick) for s in SCHEDULES}
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:  # a process per schedule, one thread each
+        futures = {s: pool.submit(measure_schedule, s, args.num_images, args.seed, args.quick, args.defaults)
+                   for s in SCHEDULES}
         parts = {s: f.result() for s, f in futures.items()}
     result = {"model": "8 Gaussians in 3x8x8, std 0.1, weights 1:1:2:2:3:3:4:4 (ddpmkit.oracle.default_mixture)",
               "num_images": args.num_images, "seed": args.seed, "sigma_max": SIGMA_MAX, "quick": args.quick,
               "torch": torch.__version__, "diffusers": diffusers.__version__, "machine": platform.machine(),
-              "spread_slack": SPREAD_SLACK, "auto_now": AUTO_CHOICE,
+              "measured": datetime.date.today().isoformat(), "spread_slack": SPREAD_SLACK,
+              "spread_margin": SPREAD_MARGIN, "auto_now": AUTO_CHOICE,
               **{key: {s: parts[s][key] for s in SCHEDULES} for key in ("baseline", "truth", "bounds")},
               "rows": [row for s in SCHEDULES for row in parts[s]["rows"]]}
-    result["choice"] = choose(result["rows"])
+    full = not (args.quick or args.defaults)
+    if full:
+        result["choice"] = choose(result["rows"], result["bounds"])
+        result["default_choice"] = {name: choose(result["rows"], result["bounds"], name) for name in REGISTRY
+                                    if name != "ddpm"}
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.quick:  # each scheduler at its defaults: results, docs block and the figures 'ddpmkit schedulers' prints
+        figures = scheduler_figures(result)
+        (out / "sampler_defaults.json").write_text(json.dumps(figures, indent=1) + "\n")
+        (out / "sampler_defaults.md").write_text(defaults_table(result))
+        update_docs(Path(args.docs), defaults_table(result), DEFAULTS_START, DEFAULTS_END)
+        if not args.no_ship:
+            FIGURES_FILE.write_text(json.dumps(figures, indent=1) + "\n")
+        for name, f in figures["schedulers"].items():
+            if not f["matches"] and not f["reference"]:
+                log.warning("%s at its defaults misses ddpm-1000's bounds", name)
+    if args.defaults:
+        log.info("each scheduler at its defaults: %.0f s", result["seconds"])
+        return 0
     stem = "samplers_table_quick" if args.quick else "samplers_table"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
-    if not args.quick:
-        update_docs(Path(args.docs), compact(result))
+    if not full:
+        return 0
+    update_docs(Path(args.docs), compact(result))
     log.info("measured choice: %s; AUTO_CHOICE in ddpmkit: %s; %.0f s", result["choice"], AUTO_CHOICE,
              result["seconds"])
-    if not args.quick and result["choice"] and {k: v for k, v in result["choice"].items()
-                                               if k not in ("nfe", "label")} != AUTO_CHOICE:
+    if result["choice"] and {k: v for k, v in result["choice"].items() if k not in ("nfe", "label")} != AUTO_CHOICE:
         log.warning("the measured choice differs from schedulers.AUTO_CHOICE: update it (and docs/samplers.md)")
+    for name, chosen in result["default_choice"].items():
+        _, steps, options = resolve(name)
+        if chosen and (chosen["steps"], chosen["label"]) != (steps, label(name, options)):
+            log.warning("%s: measured best %s, %d steps; its defaults are %s, %d steps: update REGISTRY[%r].defaults",
+                        name, chosen["label"], chosen["steps"], label(name, options), steps, name)
     return 0
 
 

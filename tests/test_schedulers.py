@@ -5,6 +5,7 @@ correct sampler must land on that image), and the micro UNet (real network code,
 """
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,8 +16,9 @@ from PIL import Image
 
 from conftest import make_micro_unet, save_plain_pipeline
 from ddpmkit.cli import main
+from ddpmkit.errors import UserError
 from ddpmkit.sampling import denoise, sample
-from ddpmkit.schedulers import REGISTRY, make_scheduler, scheduler_names
+from ddpmkit.schedulers import AUTO_CHOICE, FIGURES_FILE, REGISTRY, make_scheduler, resolve, scheduler_names
 
 NAMES = scheduler_names()
 STEPS = 6
@@ -187,12 +189,98 @@ def test_ddim_eta_0_is_a_deterministic_map_from_x_T(micro_pipe, training_schedul
     assert (run(1.0, 1) - run(1.0, 2)).abs().max() > 1e-2  # eta 1 adds fresh noise each step
 
 
-def test_schedulers_command_lists_every_name(capsys):
+def _figures(name: str, matches: bool = True) -> dict:
+    """A scheduler's entry of sampler_figures.json at its current defaults (made-up figures)."""
+    _, steps, options = resolve(name)
+    per_schedule = {"spread": 0.98, "mode_tv": 0.017, "swd": 0.0097, "center": 0.0045}
+    return {"steps": steps, "options": options, "nfe": steps, "matches": matches, "reference": name == "ddpm",
+            "linear": per_schedule, "squaredcos_cap_v2": per_schedule}
+
+
+def test_schedulers_command_prints_each_ones_defaults_and_figures(capsys, monkeypatch):
+    from ddpmkit import schedulers
+
+    exact = {"schedulers": {name: _figures(name, matches=name != "ddim") for name in NAMES}}
+    exact["schedulers"]["heun"] = {**exact["schedulers"]["heun"], "steps": 25}  # measured before a change
+    real = {"model": "emoji32", "num_images": 1000, "rows": [
+        {"row": "auto", "scheduler": "deis", "steps": 15, "options": {"karras": True, "solver_order": 3}, "nfe": 15,
+         "fid": 21.5},
+        {"row": "ddim-10", "scheduler": "ddim", "steps": 10, "options": {}, "nfe": 10, "fid": 60.25}]}
+    monkeypatch.setattr(schedulers, "measured_figures", lambda: {"exact_score": exact, "real_model": real})
     assert main(["schedulers"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == NAMES
-    for line, name in zip(lines, NAMES):
-        assert f"{REGISTRY[name].default_steps} steps" in line and "not installed" not in line
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    heads = [line for line in lines if not line.startswith(" ")]
+    assert [line.split()[0] for line in heads] == ["auto", *NAMES]
+    auto, steps, _ = resolve("auto")
+    assert heads[0].startswith(f"auto      {auto}, {steps} steps") and "21.5 at 15 steps" in lines[1]
+    for head, name in zip(heads[1:], NAMES):
+        _, steps, options = resolve(name)
+        assert head.split()[1:3] == [str(steps), "steps" + ("," if options else "")]
+        assert ("karras" in head) == bool(options.get("karras")) and "not installed" not in head
+        description, exact_line, real_line = (line.strip() for line in lines[lines.index(head) + 1:][:3])
+        assert description == REGISTRY[name].description
+        if name == "heun":
+            assert "measured at other settings" in exact_line
+            continue
+        assert exact_line.startswith("exact-score model, linear / cosine: spread 0.980 / 0.980"), exact_line
+        assert exact_line.endswith({"ddpm": "the reference", "ddim": "outside ddpm-1000's bounds"}.get(
+            name, "matches ddpm-1000"))
+        assert real_line == ("FID on emoji32: 60.2 at 10 steps (10 calls)" if name == "ddim" else
+                             "FID on emoji32: 21.5 at 15 steps, karras, order 3 (15 calls)" if name == "deis" else
+                             "FID on emoji32: not measured")
+
+
+@pytest.mark.skipif(not FIGURES_FILE.is_file(), reason="run 'make samplers-table' (writes ddpmkit/sampler_figures.json)")
+def test_shipped_figures_are_of_the_current_defaults_and_match_ddpm_1000():
+    """The figures 'ddpmkit schedulers' prints were measured at the registry's defaults, and each matched."""
+    figures = json.loads(FIGURES_FILE.read_text())["schedulers"]
+    assert set(figures) == set(NAMES)
+    for name, entry in figures.items():
+        _, steps, options = resolve(name)
+        assert (entry["steps"], entry["options"]) == (steps, options), f"{name}: rerun make samplers-table"
+        assert entry["matches"], name
+
+
+def test_defaults_fill_what_is_not_given_and_flags_reach_the_plain_settings():
+    name, steps, options = resolve("dpm++")
+    spec = REGISTRY["dpm++"]
+    assert (name, steps, options) == ("dpm++", spec.default_steps, spec.defaults) and options["karras"]
+    assert resolve("dpm++", 40)[1:] == (40, spec.defaults)  # --steps alone keeps the options
+    assert resolve("dpm++", karras=False)[2] == {**spec.defaults, "karras": False}  # --no-karras
+    plain = resolve("dpm++", timestep_spacing="trailing")[2]  # a spacing alone: uniform steps, so no Karras
+    assert "karras" not in plain and plain["timestep_spacing"] == "trailing"
+    both = resolve("dpm++", karras=True, timestep_spacing="trailing")[2]
+    assert both["karras"] and both["timestep_spacing"] == "trailing"
+    assert resolve("ddpm") == ("ddpm", 1000, {})
+    auto = {k: v for k, v in AUTO_CHOICE.items() if k not in ("scheduler", "steps")}
+    assert resolve("auto") == (AUTO_CHOICE["scheduler"], AUTO_CHOICE["steps"], auto)  # auto as it was
+    with pytest.raises(UserError, match="unknown scheduler"):
+        resolve("nope")
+
+
+def test_sample_at_a_schedulers_defaults_is_the_explicit_setting(point_mass_pipe):
+    for name in ("dpm++", "heun", "ddim"):
+        _, steps, options = resolve(name)
+        alone = sample(point_mass_pipe, scheduler=name, num_images=2, seed=0, progress=False)
+        explicit = sample(point_mass_pipe, scheduler=name, steps=steps, num_images=2, seed=0, progress=False,
+                          **options)
+        assert torch.equal(alone.images, explicit.images) and alone.settings == {"scheduler": name, "steps": steps,
+                                                                                 **options}
+    plain = sample(point_mass_pipe, scheduler="dpm++", steps=8, karras=False, num_images=2, seed=0, progress=False)
+    scheduler = make_scheduler("dpm++", point_mass_pipe.scheduler.config, solver_order=REGISTRY["dpm++"].defaults.get(
+        "solver_order"))
+    scheduler.set_timesteps(8)
+    assert plain.timesteps == [float(t) for t in scheduler.timesteps]  # --no-karras: the model's uniform spacing
+
+
+def test_sample_help_names_every_schedulers_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = capsys.readouterr().out
+    for name in ["auto", *NAMES]:
+        scheduler, steps, options = resolve(name)
+        line = next(line for line in text.splitlines() if line.startswith(f"  {name} "))
+        assert f"{steps} steps" in line and ("karras" in line) == bool(options.get("karras")), line
 
 
 @pytest.fixture(scope="module")

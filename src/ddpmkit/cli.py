@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from ddpmkit.config import DEFAULT_MODEL, FINETUNE_DEFAULTS, TrainConfig
@@ -82,9 +83,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled model name (default: emoji32, see 'ddpmkit models'), "
                    "pipeline folder or Hub id (e.g. google/ddpm-cifar10-32)")
     p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
-                   help="sampler by name: auto (the measured default, docs/samplers.md), "
-                   + ", ".join(scheduler_names()) + " ('ddpmkit schedulers'); ddpm with --seed reproduces DDPMPipeline")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the scheduler's, e.g. ddpm 1000, ddim 50)")
+                   help="sampler by name: auto (default: the measured best, docs/samplers.md), "
+                   + ", ".join(scheduler_names()) + " (each with its own defaults, listed below and by "
+                   "'ddpmkit schedulers'); ddpm with --seed reproduces DDPMPipeline")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the scheduler's, listed below)")
     p.add_argument("--num_images", type=int, default=None,
                    help="images to generate (default: 16; a class-conditioned model without --class_label: "
                         "images per class row, default 8)")
@@ -102,13 +104,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trajectory", type=int, default=0, metavar="K",
                    help="save x_t and the predicted x0 every K steps to OUT_trajectory.png")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
-    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                   help="Karras sigma spacing (sigma-based and multistep schedulers)")
-    p.add_argument("--timestep_spacing", default=None, choices=("leading", "trailing", "linspace"),
-                   help="how the sampling timesteps are spread over 0..T-1")
-    p.add_argument("--solver_order", type=int, default=None, help="order of the multistep solvers (dpm++, unipc, deis)")
+    add_sampler_options(p)
     p.add_argument("--compare", default=None, metavar="NAME:STEPS,...",
-                   help="a side-by-side grid of schedulers at the same seed, e.g. ddpm:1000,ddim:40,dpm++:20")
+                   help="a side-by-side grid of schedulers at the same seed, e.g. ddpm:1000,ddim:40,dpm++:20 "
+                        "(NAME alone: its default steps; each row at its scheduler's defaults)")
     p.add_argument("--scale", type=int, default=2, help="enlarge the saved grid this many times (nearest neighbour)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: GPU when there is one)")
     g = p.add_argument_group("loss guidance", GUIDE_HELP)
@@ -136,6 +135,41 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                         "0 unconditional, 2-5 sharper classes (default: 1)")
 
 
+def _settings_words(steps: int, options: dict) -> str:
+    """'25 steps, karras, order 3': a scheduler's settings without its name."""
+    words = [f"{steps} steps", "karras" if options.get("karras") else "", options.get("timestep_spacing") or "",
+             f"order {options['solver_order']}" if options.get("solver_order") else ""]
+    return ", ".join(w for w in words if w)
+
+
+def scheduler_defaults_text() -> str:
+    """Each scheduler's defaults, one line each, for 'ddpmkit sample --help' (docs/samplers.md)."""
+    from ddpmkit.schedulers import AUTO, REGISTRY, resolve
+
+    lines = []
+    for name in (AUTO, *REGISTRY):
+        scheduler, steps, options = resolve(name)
+        lines.append(f"  {name:<9} " + (f"{scheduler}, " if name == AUTO else "") + _settings_words(steps, options))
+    text = ("Scheduler defaults: with --scheduler NAME alone, each scheduler runs its measured best on the exact-score "
+            "model (the fewest model calls matching 1000 DDPM steps; 'ddpmkit schedulers' prints the figures). A flag "
+            "overrides one setting: --no-karras or --timestep_spacing for uniform timesteps, --solver_order, --steps.")
+    return textwrap.fill(text, 100) + "\n" + "\n".join(lines)
+
+
+def add_sampler_options(p) -> None:
+    """--karras / --no-karras, --timestep_spacing, --solver_order: None (not given) keeps the scheduler's default."""
+    from ddpmkit.schedulers import TIMESTEP_SPACINGS
+
+    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                   help="Karras sigmas: steps concentrated at low noise (sigma-based and multistep schedulers; "
+                        "default: the scheduler's); --no-karras: uniform timesteps")
+    p.add_argument("--timestep_spacing", default=None, choices=TIMESTEP_SPACINGS,
+                   help="how uniform timesteps are spread over 0..T-1 (default: the scheduler's, else the model's); "
+                        "given without --karras it also turns a default Karras off")
+    p.add_argument("--solver_order", type=int, default=None,
+                   help="order of the multistep solvers dpm++, unipc, deis (default: the scheduler's)")
+
+
 def _at_least(args: argparse.Namespace, low: int, *names: str) -> None:
     """Each named option, when given, is at least `low` (0 is not read as 'not given')."""
     for name in names:
@@ -153,7 +187,7 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def parse_compare(spec: str) -> list[tuple[str, int]]:
+def parse_compare(spec: str) -> list[tuple[str, int | None]]:
     from ddpmkit.schedulers import REGISTRY
 
     pairs = []
@@ -162,7 +196,7 @@ def parse_compare(spec: str) -> list[tuple[str, int]]:
         if name not in REGISTRY:
             raise UserError(f"--compare: unknown scheduler {name!r}: use one of {', '.join(REGISTRY)}")
         try:
-            pairs.append((name, int(steps) if steps else REGISTRY[name].default_steps))
+            pairs.append((name, int(steps) if steps else None))  # None: the scheduler's default
         except ValueError:
             raise UserError(f"--compare: {item!r} is not NAME:STEPS (e.g. ddim:40)") from None
     if not pairs:
@@ -179,6 +213,7 @@ def cmd_sample(args) -> int:
     from ddpmkit.images import labelled_rows, save_grid, save_individual, save_trajectory
     from ddpmkit.models import load_pipeline
     from ddpmkit.sampling import sample
+    from ddpmkit.schedulers import settings_label
 
     log = logging.getLogger("ddpmkit")
     out = _check_out(args.out)
@@ -201,8 +236,9 @@ def cmd_sample(args) -> int:
             result = sample(pipe, scheduler=name, steps=steps, num_images=num_images, batch_size=args.batch_size,
                             seed=args.seed, **conditioning, **speed, **(options if name == args.scheduler else {}))
             rows.append(result.images)
-            row_labels.append(f"{name} {steps} ({result.nfe} calls)")
-            log.info("%s, %d steps: %d UNet calls", name, steps, result.nfe)
+            row_labels.append(f"{settings_label(name, result.settings, result.settings['steps'])} "
+                              f"({result.nfe} calls)")
+            log.info("%s: %d UNet calls", row_labels[-1], result.nfe)
         labelled_rows(rows, row_labels, out, scale=args.scale)
         log.info("wrote %s", out)
         return 0
@@ -213,7 +249,9 @@ def cmd_sample(args) -> int:
         labelled_rows(list(result.images.split(len(labels) // len(class_rows))), class_rows, out, scale=args.scale)
     else:
         save_grid(result.images, out, scale=args.scale)
-    log.info("wrote %s (%d images, %s, %d UNet calls per image)", out, num_images, args.scheduler, result.nfe)
+    ran = result.settings
+    log.info("wrote %s (%d images, %s, %d UNet calls per image)", out, num_images,
+             settings_label(ran["scheduler"], ran, ran["steps"]), result.nfe)
     if guidance is not None:
         steps = losses_per_step(result.guidance_losses)
         path = out.with_name(out.stem + "_guidance.json")
@@ -285,6 +323,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
                    help="sampler for --model (default: auto; see 'ddpmkit schedulers')")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the scheduler's)")
+    add_sampler_options(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--batch_size", type=int, default=None,
                    help="images per UNet call while sampling (default: the fastest measured on this device; the "
@@ -339,7 +378,8 @@ def cmd_eval(args) -> int:
     if args.images is not None and (args.per_class or args.class_label is not None):
         raise UserError("--per_class and --class_label need --model (a class-conditioned one), not --images")
     result = evaluate(args.model or args.images, dataset=args.dataset, num_images=args.num_images,
-                      vs_dataset=args.vs_dataset, scheduler=args.scheduler, steps=args.steps, seed=args.seed,
+                      vs_dataset=args.vs_dataset, scheduler=args.scheduler, steps=args.steps, karras=args.karras,
+                      timestep_spacing=args.timestep_spacing, solver_order=args.solver_order, seed=args.seed,
                       batch_size=args.batch_size, class_label=args.class_label, cfg_scale=args.cfg_scale,
                       per_class=args.per_class, split=args.split, split_fraction=args.split_fraction,
                       image_size=args.image_size, image_column=args.image_column, label_column=args.label_column,
@@ -398,12 +438,48 @@ def cmd_serve(args) -> int:
 
 # ---------------------------------------------------------------------------- schedulers / schedule
 def cmd_schedulers(args) -> int:
-    from ddpmkit.schedulers import REGISTRY, is_available
+    from ddpmkit.schedulers import AUTO, REGISTRY, is_available, measured_figures, resolve
 
+    figures = measured_figures()
+    exact = (figures["exact_score"] or {}).get("schedulers", {})
+    real = figures["real_model"]
+    name, steps, options = resolve(AUTO)
+    print(f"{AUTO:<9} {name}, {_settings_words(steps, options)}: the default of 'ddpmkit sample' and 'ddpmkit eval'")
+    if real:
+        print(f"{'':<9} FID on {real['model']} at {real['num_images']} images (benchmarks/quality_per_step.py): "
+              + _real_model_figures(real, "auto"))
     for name, spec in REGISTRY.items():
+        _, steps, options = resolve(name)
         note = "" if is_available(name) else "  [not installed]"
-        print(f"{name:<9} {spec.default_steps:>5} steps  {spec.description}{note}")
+        print(f"{name:<9} {_settings_words(steps, options)}{note}")
+        print(f"{'':<9} {spec.description}")
+        print(f"{'':<9} {_exact_score_figures(exact.get(name), steps, options)}")
+        if real:
+            print(f"{'':<9} FID on {real['model']}: {_real_model_figures(real, name)}")
     return 0
+
+
+def _exact_score_figures(entry: dict | None, steps: int, options: dict) -> str:
+    """One line: this scheduler's defaults on the exact-score model (benchmarks/samplers_table.py)."""
+    if not entry:
+        return "exact-score model: not measured"
+    if entry["steps"] != steps or entry["options"] != options:
+        return "exact-score model: measured at other settings (rerun 'make samplers-table')"
+    lin, cos = entry["linear"], entry["squaredcos_cap_v2"]
+    verdict = "matches ddpm-1000" if entry["matches"] else "outside ddpm-1000's bounds"
+    if entry.get("reference"):
+        verdict = "the reference"
+    return (f"exact-score model, linear / cosine: spread {lin['spread']:.3f} / {cos['spread']:.3f}, mode TV "
+            f"{lin['mode_tv']:.3f} / {cos['mode_tv']:.3f}, SWD {lin['swd']:.4f} / {cos['swd']:.4f}, "
+            f"{entry['nfe']} model calls: {verdict}")
+
+
+def _real_model_figures(real: dict, name: str) -> str:
+    """FID of each measured row of scheduler `name` ('auto': the auto row) on the bundled model."""
+    rows = [r for r in real["rows"] if (r["row"] == "auto" if name == "auto" else r["scheduler"] == name)]
+    if not rows:
+        return "not measured"
+    return "; ".join(f"{r['fid']:.1f} at {_settings_words(r['steps'], r['options'])} ({r['nfe']} calls)" for r in rows)
 
 
 def cmd_schedule(args) -> int:
@@ -433,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, TrainConfig, defaults=FINETUNE_DEFAULTS, required=("init_from",))
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate images with any scheduler")
+    p = sub.add_parser("sample", help="generate images with any scheduler", description=scheduler_defaults_text())
     add_sample_arguments(p)
     p.set_defaults(func=cmd_sample)
 

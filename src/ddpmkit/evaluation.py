@@ -541,8 +541,9 @@ def _generated_labels(pipe, model_name, reference: ImageSet, per_class: bool, cl
 
 
 def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | None = None, *,
-             vs_dataset: str | None = None, scheduler: str = "auto", steps: int | None = None, seed: int = 0,
-             batch_size: int | None = None, class_label: str | int | None = None, cfg_scale: float = 1.0,
+             vs_dataset: str | None = None, scheduler: str = "auto", steps: int | None = None,
+             karras: bool | None = None, timestep_spacing: str | None = None, solver_order: int | None = None,
+             seed: int = 0, batch_size: int | None = None, class_label: str | int | None = None, cfg_scale: float = 1.0,
              per_class: bool = False, split: str = "train", split_fraction: float | None = None,
              image_size: int | None = None, image_column: str | None = None, label_column: str | None = None,
              cache_dir: str | Path | None = None, data_cache_dir: str | None = None, floor: bool = False,
@@ -551,7 +552,8 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
     """FID, KID, precision and recall of generated images (or any image set) against `dataset`.
 
     `model_or_images`: a pipeline (object, folder or Hub id) to sample `num_images` images from with
-    `ddpmkit.sample`; a folder of images; or a tensor of images (uint8, or float in [-1, 1]). With
+    `ddpmkit.sample` (`scheduler`, `steps`, `karras`, `timestep_spacing`, `solver_order` as there: None keeps
+    the scheduler's defaults; what ran is recorded in `settings["model"]`); a folder of images; or a tensor of images (uint8, or float in [-1, 1]). With
     `vs_dataset` instead, two datasets are compared; the same source with `split_fraction` gives the floor
     (two disjoint samples of the same data), which is then recorded for later runs at that count.
     """
@@ -592,8 +594,10 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
             reference = _restrict_to_class(reference, labels[0], model_name)
             count = min(count, len(reference))
             labels = labels * count
-        generated, sample_settings = _sample_images(pipe, count, scheduler, steps, seed, batch_size, labels,
-                                                    cfg_scale, device, progress, dtype)
+        sampler = dict(scheduler=scheduler, steps=steps, karras=karras, timestep_spacing=timestep_spacing,
+                       solver_order=solver_order)
+        generated, sample_settings = _sample_images(pipe, count, sampler, seed, batch_size, labels, cfg_scale, device,
+                                                    progress, dtype)
         settings["model"] = {"name": model_name, "weights_sha256": weights_sha256(pipe.unet), **sample_settings}
         timings["sampling"] = time.perf_counter() - t0
     settings["reference"] = reference.describe
@@ -728,10 +732,10 @@ def _restrict_to_class(reference: ImageSet, model_label: int, model_name) -> Ima
     return ImageSet(reference.images[keep], reference.labels[keep], reference.class_names, describe)
 
 
-def _sample_images(pipe, count: int, scheduler: str, steps: int | None, seed: int, batch_size: int | None,
-                   labels: list[int] | None, cfg_scale: float, device, progress: bool,
-                   dtype: str = "auto") -> tuple[ImageSet, dict]:
-    """`count` images from `ddpmkit.sample` (the CLI's sampler), with one progress bar over the steps.
+def _sample_images(pipe, count: int, sampler: dict, seed: int, batch_size: int | None, labels: list[int] | None,
+                   cfg_scale: float, device, progress: bool, dtype: str = "auto") -> tuple[ImageSet, dict]:
+    """`count` images from `ddpmkit.sample` (the CLI's sampler; `sampler`: its scheduler, steps and options),
+    with one progress bar over the steps.
 
     `batch_size` is images per UNet call (None: the fastest measured on this device); the images do not
     depend on it."""
@@ -746,11 +750,11 @@ def _sample_images(pipe, count: int, scheduler: str, steps: int | None, seed: in
         bar.update(1)
 
     with bar:
-        out = sample(pipe, scheduler=scheduler, steps=steps, num_images=count, batch_size=batch_size, seed=seed,
-                     class_labels=labels, cfg_scale=cfg_scale, device=device, callback=on_step, progress=False,
-                     dtype=dtype)
+        out = sample(pipe, **sampler, num_images=count, batch_size=batch_size, seed=seed, class_labels=labels,
+                     cfg_scale=cfg_scale, device=device, callback=on_step, progress=False, dtype=dtype)
     label_tensor = torch.as_tensor(labels) if labels is not None else None
-    settings = {"scheduler": scheduler, "steps": steps, "nfe": out.nfe, "seed": seed, "batch_size": batch_size,
+    settings = {"scheduler": sampler["scheduler"], "steps": sampler["steps"], "sampler": out.settings, "nfe": out.nfe,
+                "seed": seed, "batch_size": batch_size,
                 "dtype": dtype,
                 "num_images": count, "cfg_scale": cfg_scale,
                 "class_labels": sorted(set(labels)) if labels is not None else None,

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
-from ddpmkit.schedulers import AUTO, SIGMA_MAX, default_steps, make_scheduler, resolve_auto, set_timesteps, step_kwargs
+from ddpmkit.schedulers import AUTO, SIGMA_MAX, make_scheduler, resolve, set_timesteps, settings_label, step_kwargs
 from ddpmkit.tuning import choose, unet_for_sampling
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class SampleOutput:
     timesteps: list[float] = field(default_factory=list)
     trajectory: list[dict] = field(default_factory=list)  # {"step", "t", "sample", "pred_original_sample"}
     guidance_losses: list[list] = field(default_factory=list)  # [[one record per guided step]]
+    # what ran, after 'auto' and the scheduler's defaults: {"scheduler", "steps", "karras", "timestep_spacing", ...}
+    settings: dict = field(default_factory=dict)
 
 
 def _alpha_bar_and_vp_sample(scheduler, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,8 +175,10 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
            progress: bool = True, dtype: str = "auto", channels_last: bool | None = None) -> SampleOutput:
     """Generate `num_images` images from `model` with scheduler `scheduler` (a registry name) in `steps` steps.
 
-    `scheduler="auto"` is the measured default (`schedulers.AUTO_CHOICE`, docs/samplers.md); "ddpm" with
-    `seed` reproduces DDPMPipeline. `seed` means `torch.Generator("cpu").manual_seed(seed)` used as
+    `scheduler="auto"` is the measured default (`schedulers.AUTO_CHOICE`, docs/samplers.md); any other name runs
+    with its own measured defaults (`REGISTRY[name].defaults`, `default_steps`) for whatever of `steps`, `karras`,
+    `timestep_spacing`, `solver_order` is None ('ddpmkit schedulers' lists them). "ddpm" with `seed` reproduces
+    DDPMPipeline. `seed` means `torch.Generator("cpu").manual_seed(seed)` used as
     DDPMPipeline uses its generator. `sigma_max` caps the starting noise level of the sigma-array samplers
     (all but ddpm, ddim, pndm; None: the model's full schedule, as plain diffusers samples it).
     Speed (docs/performance.md): `dtype` auto|fp32|bf16|fp16 is the UNet's (auto: bf16 only where native
@@ -188,16 +192,12 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     device = unet.device
     if num_images < 1:
         raise UserError(f"--num_images must be at least 1 (got {num_images})")
-    if scheduler == AUTO:
-        scheduler, steps, chosen = resolve_auto(scheduler, steps, karras=karras, timestep_spacing=timestep_spacing,
-                                                solver_order=solver_order)
-        karras, timestep_spacing, solver_order = (chosen.get(k) for k in ("karras", "timestep_spacing", "solver_order"))
-        logger.info("scheduler auto: %s %s, %d steps", scheduler, chosen, steps)
-    steps = steps or default_steps(scheduler)
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
-    sched = make_scheduler(scheduler, pipe.scheduler.config, karras=karras, timestep_spacing=timestep_spacing,
-                           solver_order=solver_order, seed=seed, steps=steps, sigma_max=sigma_max)
+    asked = scheduler
+    scheduler, steps, options = resolve(scheduler, steps, karras=karras, timestep_spacing=timestep_spacing,
+                                        solver_order=solver_order)
+    sched = make_scheduler(scheduler, pipe.scheduler.config, **options, seed=seed, steps=steps, sigma_max=sigma_max)
     limit = sched.config.num_train_timesteps
     if steps > limit:
         why = ("the model's training steps" if limit == pipe.scheduler.config.num_train_timesteps
@@ -206,6 +206,7 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
     step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
+    logger.info("scheduler %s%s, %d steps", "auto: " if asked == AUTO else "", settings_label(scheduler, options), steps)
     labels = _class_label_tensor(unet, class_labels, num_images)
     cfg_rows = 2 if labels is not None and cfg_scale not in (0.0, 1.0) else 1
     was_training = unet.training
@@ -234,7 +235,8 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     result = x.float().cpu().clamp(-1, 1)
     if not torch.isfinite(result).all():
         logger.warning("some samples are not finite: the model or the scheduler settings diverged")
-    return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses])
+    return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses],
+                        {"scheduler": scheduler, "steps": steps, **options})
 
 
 def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | None:

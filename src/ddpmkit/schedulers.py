@@ -2,14 +2,18 @@
 
 `from_config` keeps the noise schedule the model was trained with (betas, T, prediction_type);
 only the sampling rule changes. Options (`karras`, `timestep_spacing`, `solver_order`) are passed
-only to schedulers whose constructor accepts them, checked with `inspect.signature`. The samplers that
-step along a sigma array start at noise level sigma <= SIGMA_MAX (docs/samplers.md says why and what
-it changes); ddpm, ddim and pndm keep the model's full schedule.
+only to schedulers whose constructor accepts them, checked with `inspect.signature`. Each scheduler
+has default settings, its measured best on the exact-score model (`resolve` applies them; an option
+given explicitly wins). The samplers that step along a sigma array start at noise level
+sigma <= SIGMA_MAX (docs/samplers.md says why and what it changes); ddpm, ddim and pndm keep the
+model's full schedule.
 """
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,27 +34,40 @@ class SchedulerSpec:
     description: str
     default_steps: int
     fixed: dict = field(default_factory=dict)  # constructor arguments that define this sampler
+    # What `--scheduler NAME` uses for the options not given (karras, timestep_spacing, solver_order): the measured
+    # best on the exact-score model (docs/samplers.md). --no-karras, --timestep_spacing, --solver_order override.
+    defaults: dict = field(default_factory=dict)
     # Start at sigma <= SIGMA_MAX. Only for samplers that step along their own sigma array; ddpm, ddim and pndm
     # step t -> t - T // steps, which a shorter schedule would break (and ddpm must equal DDPMPipeline).
     capped: bool = True
 
 
+# Defaults: per scheduler, the fewest model calls whose samples match ddpm-1000 on the exact-score model on linear
+# and squaredcos_cap_v2 schedules alike (spread at least 0.01 inside its bound), at that step count and at every
+# larger one measured: the rule `auto` was chosen by. Measured by benchmarks/samplers_table.py; their figures ship
+# in sampler_figures.json.
 REGISTRY: dict[str, SchedulerSpec] = {
-    "ddpm": SchedulerSpec("DDPMScheduler", "DDPM ancestral sampling (Ho et al. 2020): the training chain, best at 1000 steps", 1000,
-                          capped=False),
-    "ddim": SchedulerSpec("DDIMScheduler", "DDIM (Song et al. 2021): deterministic at eta=0, good at 20-50 steps", 50,
-                          capped=False),
+    "ddpm": SchedulerSpec("DDPMScheduler", "DDPM ancestral sampling (Ho et al. 2020): the training chain, the reference",
+                          1000, capped=False),
+    "ddim": SchedulerSpec("DDIMScheduler", "DDIM (Song et al. 2021): deterministic at eta=0; smooths fine detail "
+                          "below hundreds of steps", 500, capped=False),
     "pndm": SchedulerSpec("PNDMScheduler", "PNDM / PLMS (Liu et al. 2022): pseudo linear multistep", 50,
                           {"skip_prk_steps": True}, capped=False),
-    "dpm++": SchedulerSpec("DPMSolverMultistepScheduler", "DPM-Solver++ 2M (Lu et al. 2022): multistep ODE solver, good at 10-25 steps", 20,
-                           {"algorithm_type": "dpmsolver++"}),
-    "dpm++sde": SchedulerSpec("DPMSolverSDEScheduler", "DPM-Solver++ SDE (Lu et al. 2022): stochastic, 2 model calls per step (needs torchsde)", 20),
-    "unipc": SchedulerSpec("UniPCMultistepScheduler", "UniPC (Zhao et al. 2023): predictor-corrector multistep, good at 10-20 steps", 20),
-    "euler": SchedulerSpec("EulerDiscreteScheduler", "Euler (Karras et al. 2022, Algorithm 2 without churn): first-order ODE", 30),
-    "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler", "Euler ancestral: Euler steps with fresh noise each step", 30),
-    "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun (Karras et al. 2022, Algorithm 1): second order, 2 model calls per step", 25),
-    "lms": SchedulerSpec("LMSDiscreteScheduler", "Linear multistep (k-diffusion's LMS) on Karras-style sigmas", 30),
-    "deis": SchedulerSpec("DEISMultistepScheduler", "DEIS (Zhang & Chen 2023): exponential integrator multistep", 20),
+    "dpm++": SchedulerSpec("DPMSolverMultistepScheduler", "DPM-Solver++ (Lu et al. 2022): multistep ODE solver", 25,
+                           {"algorithm_type": "dpmsolver++"}, {"karras": True, "solver_order": 3}),
+    "dpm++sde": SchedulerSpec("DPMSolverSDEScheduler", "DPM-Solver++ SDE (Lu et al. 2022): stochastic, 2 model calls "
+                              "per step (needs torchsde)", 40, defaults={"karras": True}),
+    "unipc": SchedulerSpec("UniPCMultistepScheduler", "UniPC (Zhao et al. 2023): predictor-corrector multistep", 25,
+                           defaults={"karras": True, "solver_order": 3}),
+    "euler": SchedulerSpec("EulerDiscreteScheduler", "Euler (Karras et al. 2022, Algorithm 2 without churn): first-"
+                           "order ODE", 200, defaults={"karras": True}),
+    "euler_a": SchedulerSpec("EulerAncestralDiscreteScheduler", "Euler ancestral: Euler steps with fresh noise each "
+                             "step", 1000),
+    "heun": SchedulerSpec("HeunDiscreteScheduler", "Heun (Karras et al. 2022, Algorithm 1): second order, 2 model "
+                          "calls per step", 40, defaults={"karras": True}),
+    "lms": SchedulerSpec("LMSDiscreteScheduler", "Linear multistep (k-diffusion's LMS)", 30, defaults={"karras": True}),
+    "deis": SchedulerSpec("DEISMultistepScheduler", "DEIS (Zhang & Chen 2023): exponential integrator multistep", 15,
+                          defaults={"karras": True, "solver_order": 3}),
 }
 
 
@@ -83,6 +100,54 @@ def resolve_auto(name: str, steps: int | None = None, **options) -> tuple[str, i
     return AUTO_CHOICE["scheduler"], steps or AUTO_CHOICE["steps"], chosen
 
 
+def resolve(name: str, steps: int | None = None, karras: bool | None = None, timestep_spacing: str | None = None,
+            solver_order: int | None = None) -> tuple[str, int, dict]:
+    """The settings a run uses: (scheduler, steps, options), for a name and what the user gave (None: not given).
+
+    'auto' -> AUTO_CHOICE. Every option not given takes the scheduler's default (`REGISTRY[name].defaults`), and
+    steps its `default_steps`. A timestep_spacing given without karras also drops a default Karras: Karras sigmas
+    replace the spacing, so a spacing asked for on its own means the uniform steps it names.
+    """
+    given = {"karras": karras, "timestep_spacing": timestep_spacing, "solver_order": solver_order}
+    name, steps, given = resolve_auto(name, steps, **given)
+    if name not in REGISTRY:
+        _scheduler_class(name)  # the one-line error naming the schedulers
+    given = {k: v for k, v in given.items() if v is not None}
+    defaults = dict(REGISTRY[name].defaults)
+    if "timestep_spacing" in given and "karras" not in given:
+        defaults.pop("karras", None)
+    return name, steps or REGISTRY[name].default_steps, {**defaults, **given}
+
+
+def settings_label(name: str, options: dict, steps: int | None = None) -> str:
+    """A setting as the tables name it: 'dpm++ karras order 3', with ', 25 steps' when steps are given."""
+    parts = [name]
+    if options.get("karras"):
+        parts.append("karras")
+    if options.get("timestep_spacing"):
+        parts.append(options["timestep_spacing"])
+    if options.get("solver_order"):
+        parts.append(f"order {options['solver_order']}")
+    return " ".join(parts) + (f", {steps} steps" if steps else "")
+
+
+# What the benchmarks measured, shipped beside this module: each scheduler's defaults on the exact-score model
+# (benchmarks/samplers_table.py) and FID per setting on the bundled model (benchmarks/quality_per_step.py).
+FIGURES_FILE = Path(__file__).with_name("sampler_figures.json")
+QUALITY_FILE = Path(__file__).with_name("quality_per_step.json")
+
+
+def measured_figures() -> dict:
+    """{"exact_score": ..., "real_model": ...} as shipped; None for a file not there (or not readable)."""
+    out = {}
+    for key, path in (("exact_score", FIGURES_FILE), ("real_model", QUALITY_FILE)):
+        try:
+            out[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            out[key] = None
+    return out
+
+
 def _scheduler_class(name: str):
     if name not in REGISTRY:
         raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(REGISTRY)} (see 'ddpmkit schedulers')")
@@ -99,9 +164,8 @@ def _scheduler_class(name: str):
 
 
 def default_steps(name: str) -> int:
-    if name == AUTO:
-        return AUTO_CHOICE["steps"]
-    return REGISTRY[name].default_steps if name in REGISTRY else 50
+    """The steps `name` runs when none are given ('auto': AUTO_CHOICE's)."""
+    return resolve(name)[1]
 
 
 def _betas(config: dict) -> torch.Tensor:
@@ -145,14 +209,16 @@ def make_scheduler(name: str, config: dict, karras: bool | None = None, timestep
                    sigma_max: float | None = SIGMA_MAX):
     """Scheduler `name` built with `from_config(config)` (the model's schedule) plus validated options.
 
-    The sigma-array samplers (all but ddpm, ddim, pndm) start at sigma <= `sigma_max` (None: the full schedule,
-    as diffusers does). With `steps`, the schedule is also cut so that trailing spacing gives exactly `steps` timesteps.
+    Exactly the options given (`resolve` fills in the registry's defaults first; `sample` does). The sigma-array
+    samplers (all but ddpm, ddim, pndm) start at sigma <= `sigma_max` (None: the full schedule, as diffusers
+    does). With `steps`, the schedule is also cut so that trailing spacing gives exactly `steps` timesteps.
     """
     cls = _scheduler_class(name)
     accepted = set(inspect.signature(cls.__init__).parameters)
     options = dict(REGISTRY[name].fixed)
     requested = {"use_karras_sigmas": karras, "timestep_spacing": timestep_spacing, "solver_order": solver_order}
-    flags = {"use_karras_sigmas": "--karras", "timestep_spacing": "--timestep_spacing", "solver_order": "--solver_order"}
+    flags = {"use_karras_sigmas": "--karras" if karras else "--no-karras", "timestep_spacing": "--timestep_spacing",
+             "solver_order": "--solver_order"}
     for key, value in requested.items():
         if value is None:
             continue
@@ -166,11 +232,18 @@ def make_scheduler(name: str, config: dict, karras: bool | None = None, timestep
     if "noise_sampler_seed" in accepted and seed is not None:
         options["noise_sampler_seed"] = seed
     base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    karras_on = options.get("use_karras_sigmas", base.get("use_karras_sigmas"))
+    if karras_on and timestep_spacing is None and "timestep_spacing" in accepted:
+        # Karras sigmas span the model's whole noise range (k-diffusion's sigma_min..sigma_max). Euler, Heun, LMS and
+        # DPM-SDE take that range from their spaced timesteps, and the model's leading spacing would start them
+        # T // steps or more below the top: at sigma 15 instead of 128 for 30 steps on a cosine model. linspace
+        # spans t = 0..T-1; the multistep solvers ignore the spacing under Karras.
+        options["timestep_spacing"] = "linspace"
     total = base.get("num_train_timesteps", 1000)
     class_spacing = inspect.signature(cls.__init__).parameters.get("timestep_spacing")
     spacing = options.get("timestep_spacing", base.get("timestep_spacing", class_spacing and class_spacing.default))
     # leading spacing stops T // steps below the top on its own; Karras, trailing and linspace start at T - 1
-    reaches_top = options.get("use_karras_sigmas", base.get("use_karras_sigmas")) or spacing != "leading"
+    reaches_top = karras_on or spacing != "leading"
     capped = REGISTRY[name].capped and sigma_max is not None and reaches_top
     keep = capped_timesteps(base, sigma_max) if capped else total
     if steps is not None and spacing == "trailing":
