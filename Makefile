@@ -22,7 +22,7 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # The browser test (tests/test_ui.py) drives Debian's chromium: installed here as root when missing; otherwise
 # that one test is skipped and says why.
