@@ -277,7 +277,7 @@ def test_eval_command_on_the_real_network_prints_one_line_per_figure(tmp_path, c
     (["--model", "PIPE", "--dataset", "DATA", "--per_class"], "class-conditioned"),
     (["--model", "PIPE", "--dataset", "DATA", "--steps", "0"], "at least 1"),
     (["--model", "PIPE", "--images", "DATA", "--dataset", "DATA"], "not allowed with"),
-    (["--dataset", "DATA"], "one of the arguments"),
+    (["--images", "DATA", "--vs_dataset", "DATA", "--dataset", "DATA"], "not allowed with"),
 ])
 def test_eval_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, expected):
     (tmp_path / "empty").mkdir()
