@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast chromium ui-screenshot bench speed samplers-table quality-table clean
+.PHONY: install demo test test-demo test-fast chromium ui-screenshot bench speed samplers-table quality-table clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+
+# The quick `make demo` and its page in headless chromium (a few minutes): CI runs it after `make test`
+test-demo: $(STAMP) chromium
+	$(BIN)/python -m pytest -q -m demo tests/test_bundled.py
 
 # The browser test (tests/test_ui.py) drives Debian's chromium: installed here as root when missing; otherwise
 # that one test is skipped and says why.

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # `make demo`: Units 1 and 2 of the course on the bundled emoji32 model and the built-in emoji data, on a CPU.
 # Everything lands in demo-output/ (DEMO_OUT); open demo-output/index.html. DEMO_FT_STEPS and DEMO_SCRATCH_STEPS
-# set the two short training runs; DEMO_EVAL_IMAGES the eval count.
+# set the two short training runs; DEMO_EVAL_IMAGES the eval count; DEMO_IMAGES the images per row and
+# DEMO_DDPM_STEPS the steps of the DDPM comparison (the page test's quick run makes them small).
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-output}
 FT_STEPS=${DEMO_FT_STEPS:-30}
-SCRATCH_STEPS=${DEMO_SCRATCH_STEPS:-60}
-EVAL_IMAGES=${DEMO_EVAL_IMAGES:-250}
+SCRATCH_STEPS=${DEMO_SCRATCH_STEPS:-40}
+EVAL_IMAGES=${DEMO_EVAL_IMAGES:-200}
+N=${DEMO_IMAGES:-8}
+DDPM_STEPS=${DEMO_DDPM_STEPS:-1000}
 PAGE="python scripts/demo_page.py"
 rm -rf "$OUT/manifest.jsonl" && mkdir -p "$OUT"
 start=$(date +%s)
@@ -36,50 +39,51 @@ show "$U1" "The forward process: the squaredcos_cap_v2 noise schedule (left) and
   "schedule.png schedule_noised.png" \
   ddpmkit -q schedule --dataset emoji --image_size 32 --out schedule.png
 
-show "$U1" "The bundled model emoji32 with the default sampler (auto): one row per emoji category, 8 images each, seed 0." \
+show "$U1" "The bundled model emoji32 with the default sampler (auto): one row per emoji category, $N images each, seed 0." \
   "samples_auto.png" \
-  ddpmkit -q sample --num_images 8 --seed 0 --out samples_auto.png
+  ddpmkit -q sample --num_images $N --seed 0 --out samples_auto.png
 
-show "$U1" "The course's sampling loop: DDPM with all 1000 steps, for comparison (2 smileys, seed 0), and the trajectory of those samples: x_t (noisy image) and the predicted x0 every 100 steps." \
+show "$U1" "The course's sampling loop: DDPM at $DDPM_STEPS steps (the whole training chain), for comparison (2 smileys, seed 0), and the trajectory of those samples: x_t (noisy image) and the predicted x0 every $(( DDPM_STEPS / 10 )) steps." \
   "samples_ddpm1000.png samples_ddpm1000_trajectory.png" \
-  ddpmkit -q sample --scheduler ddpm --class_label smileys-emotion --num_images 2 --seed 0 --trajectory 100 \
+  ddpmkit -q sample --scheduler ddpm --steps "$DDPM_STEPS" --class_label smileys-emotion --num_images 2 --seed 0 \
+  --trajectory $(( DDPM_STEPS / 10 )) \
   --out samples_ddpm1000.png
 
 show "$U2" "Fast samplers at few steps, same seed: each column a scheduler (DDIM 10, DPM++ 10, DEIS 10, DDIM 50): food & drink." \
   "compare_schedulers.png" \
-  ddpmkit -q sample --class_label food-drink --compare ddim:10,dpm++:10,deis:10,ddim:50 --num_images 6 --seed 0 \
+  ddpmkit -q sample --class_label food-drink --compare ddim:10,dpm++:10,deis:10,ddim:50 --num_images $(( N < 6 ? N : 6 )) --seed 0 \
   --out compare_schedulers.png
 
 show "$U2" "Class-conditioned sampling with classifier-free guidance (scale 3): one row per category." \
   "classes_cfg3.png" \
-  ddpmkit -q sample --num_images 8 --cfg_scale 3 --seed 0 --out classes_cfg3.png
+  ddpmkit -q sample --num_images $N --cfg_scale 3 --seed 0 --out classes_cfg3.png
 
 for w in 0 1 4; do
   ddpmkit_cfg_files+="flags_cfg$w.png "
 done
 stamp "one category at three CFG scales"
 for w in 0 1 4; do
-  (cd "$OUT" && ddpmkit -q sample --class_label flags --num_images 8 --cfg_scale $w --seed 0 --out "flags_cfg$w.png")
+  (cd "$OUT" && ddpmkit -q sample --class_label flags --num_images $N --cfg_scale $w --seed 0 --out "flags_cfg$w.png")
 done
 $PAGE add "$OUT" "$U2" "One category (flags) at CFG scale 0 (unconditional), 1 (plain conditional) and 4 (sharper), same seed." \
-  "for w in 0 1 4; do ddpmkit sample --class_label flags --num_images 8 --cfg_scale \$w --seed 0 --out flags_cfg\$w.png; done" \
+  "for w in 0 1 4; do ddpmkit sample --class_label flags --num_images $N --cfg_scale \$w --seed 0 --out flags_cfg\$w.png; done" \
   $ddpmkit_cfg_files
 
 for c in BB2266 44CCAA; do
   show "$U2" "Colour guidance towards #$c (the course's colour loss on the predicted x0, scale 40 per image), DDIM 40 steps; the same seed without guidance is in the first row of the next picture." \
     "guided_$c.png" \
-    ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 --guide "color:#$c:40" \
+    ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 --guide "color:#$c:40" \
     --out "guided_$c.png"
 done
-show "$U2" "The same 8 unconditional samples without guidance (scale 0), for comparison; they are also the 'before' of the fine-tune below." "unguided.png" \
-  ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 --out unguided.png
+show "$U2" "The same $N unconditional samples without guidance (scale 0), for comparison; they are also the 'before' of the fine-tune below." "unguided.png" \
+  ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 --out unguided.png
 show "$U2" "Fine-tuning emoji32 on one category (flags) for $FT_STEPS steps, the course's finetune_model.py (its loss curve)." \
   "finetune/loss_curve.png" \
   ddpmkit -q finetune --start_model emoji32 --dataset emoji:flags --image_size 32 --batch_size 32 --max_steps "$FT_STEPS" \
   --lr 1e-4 --cache_dir .cache --output_dir finetune --model_save_name emoji32-flags
 show "$U2" "After fine-tuning: the same unconditional samples as in the unguided picture above (seed 0, DDIM 40), now leaning towards flags." \
   "unguided.png finetune_after.png" \
-  ddpmkit -q sample --model finetune/emoji32-flags --class_label none --scheduler ddim --steps 40 --num_images 8 --seed 0 \
+  ddpmkit -q sample --model finetune/emoji32-flags --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 \
   --out finetune_after.png
 
 show "$U1" "Training from scratch, as Unit 1 does: a tiny UNet on the 4,009 emoji for only $SCRATCH_STEPS steps (the loss curve). This is what early training looks like; emoji32 trained for far longer." \

@@ -129,13 +129,15 @@ def _browser():
     return sync_playwright
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_demo_page_every_picture_loads_in_chromium(tmp_path):
-    """A short `make demo` (tiny step counts) into a temporary folder; every <img> of index.html must load."""
+    """A quick `make demo` (2 images a row, tiny step counts) into a temporary folder; every <img> of index.html must
+    load. Minutes even so: behind the `demo` marker, run by `make test-demo` (CI runs it after `make test`)."""
     sync_playwright = _browser()
     out = tmp_path / "demo"
     env = {**os.environ, "DEMO_OUT": str(out), "DEMO_FT_STEPS": "2", "DEMO_SCRATCH_STEPS": "2",
-           "DEMO_EVAL_IMAGES": "20", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "DEMO_EVAL_IMAGES": "20", "DEMO_IMAGES": "2", "DEMO_DDPM_STEPS": "20",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "2"}
     run = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
