@@ -5,9 +5,9 @@
 # DEMO_DDPM_STEPS the steps of the DDPM comparison (the page test's quick run makes them small).
 set -euo pipefail
 OUT=${DEMO_OUT:-demo-output}
-FT_STEPS=${DEMO_FT_STEPS:-30}
-SCRATCH_STEPS=${DEMO_SCRATCH_STEPS:-40}
-EVAL_IMAGES=${DEMO_EVAL_IMAGES:-200}
+FT_STEPS=${DEMO_FT_STEPS:-20}
+SCRATCH_STEPS=${DEMO_SCRATCH_STEPS:-24}
+EVAL_IMAGES=${DEMO_EVAL_IMAGES:-150}
 N=${DEMO_IMAGES:-8}
 DDPM_STEPS=${DEMO_DDPM_STEPS:-1000}
 PAGE="python scripts/demo_page.py"
@@ -80,7 +80,7 @@ show "$U2" "The same $N unconditional samples without guidance (scale 0), for co
 show "$U2" "Fine-tuning emoji32 on one category (flags) for $FT_STEPS steps, the course's finetune_model.py (its loss curve)." \
   "finetune/loss_curve.png" \
   ddpmkit -q finetune --start_model emoji32 --dataset emoji:flags --image_size 32 --batch_size 32 --max_steps "$FT_STEPS" \
-  --lr 1e-4 --cache_dir .cache --output_dir finetune --model_save_name emoji32-flags
+  --lr 5e-4 --cache_dir .cache --output_dir finetune --model_save_name emoji32-flags
 show "$U2" "After fine-tuning: the same unconditional samples as in the unguided picture above (seed 0, DDIM 40), now leaning towards flags." \
   "unguided.png finetune_after.png" \
   ddpmkit -q sample --model finetune/emoji32-flags --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 \
