@@ -160,7 +160,7 @@ def plot(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=110)
     by_scheduler: dict[str, list[dict]] = {}
     for row in result["rows"]:
         by_scheduler.setdefault(row["label"] if row["row"] != "auto" else "auto: " + row["label"], []).append(row)
@@ -176,7 +176,7 @@ def plot(result: dict, path: Path) -> Path:
     ax.set(title=f"FID vs model calls: {result['model']}, {result['num_images']} images", xlabel="model calls per "
            "image (NFE, log scale)", ylabel="FID (lower is better)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no point hidden under it
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
