@@ -43,7 +43,7 @@ ui-screenshot: $(STAMP) chromium
 	DDPMKIT_UI_MODEL=emoji32 DDPMKIT_UI_SCREENSHOT=docs/ui.png $(BIN)/python -m pytest -q tests/test_ui.py -k browser
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not demo" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
