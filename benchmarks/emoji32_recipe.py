@@ -14,7 +14,6 @@ import argparse
 import os
 from concurrent.futures import ThreadPoolExecutor
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -91,8 +90,9 @@ def main() -> None:
     names = [n for n in CANDIDATES if not args.only or n in args.only]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(candidate, names))
-    machine = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"],
-                             capture_output=True, text=True).stdout.strip() or platform.processor()
+    from ddpmkit.tuning import cpu_model
+
+    machine = cpu_model()
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": machine, "budget_minutes": args.minutes,
               "num_images": args.num_images, "rates_images_per_s": rates, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ def main() -> None:
     snapshots = {int(p.name[5:]): p for p in run.glob("step_*") if (p / "model_index.json").is_file()}
     if not snapshots:
         sys.exit(f"{run} has no saved pipelines (step_N): train with --save_model_every")
-    cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if l.startswith("Model name")), "unknown CPU")
+    from ddpmkit.tuning import cpu_model
+
+    cpu = cpu_model()
     rows = []
     for target in args.minutes:
         step = min(snapshots, key=lambda s: abs(minutes_at.get(s, 1e9) - target))

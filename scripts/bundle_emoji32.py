@@ -35,13 +35,13 @@ def sha256(path: Path) -> str:
 
 
 def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "unknown CPU")
-    flags = next((l.split(":", 1)[1].split() for l in out.splitlines() if l.startswith("Flags")), [])
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     import os
 
-    return f"{model} ({os.cpu_count()} cores, {isa}, no GPU)"
+    from ddpmkit.tuning import cpu_flags, cpu_model
+
+    flags = cpu_flags()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{cpu_model()} ({os.cpu_count()} cores, {isa}, no GPU)"
 
 
 def write_pipeline(source: Path, staged: Path, run: Path) -> dict:

@@ -135,21 +135,14 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                         "0 unconditional, 2-5 sharper classes (default: 1)")
 
 
-def _settings_words(steps: int, options: dict) -> str:
-    """'25 steps, karras, order 3': a scheduler's settings without its name."""
-    words = [f"{steps} steps", "karras" if options.get("karras") else "", options.get("timestep_spacing") or "",
-             f"order {options['solver_order']}" if options.get("solver_order") else ""]
-    return ", ".join(w for w in words if w)
-
-
 def scheduler_defaults_text() -> str:
     """Each scheduler's defaults, one line each, for 'ddpmkit sample --help' (docs/samplers.md)."""
-    from ddpmkit.schedulers import AUTO, REGISTRY, resolve
+    from ddpmkit.schedulers import AUTO, REGISTRY, resolve, settings_words
 
     lines = []
     for name in (AUTO, *REGISTRY):
         scheduler, steps, options = resolve(name)
-        lines.append(f"  {name:<9} " + (f"{scheduler}, " if name == AUTO else "") + _settings_words(steps, options))
+        lines.append(f"  {name:<9} " + (f"{scheduler}, " if name == AUTO else "") + settings_words(steps, options))
     text = ("Scheduler defaults: with --scheduler NAME alone, each scheduler runs its measured best on the exact-score "
             "model (the fewest model calls matching 1000 DDPM steps; 'ddpmkit schedulers' prints the figures). A flag "
             "overrides one setting: --no-karras or --timestep_spacing for uniform timesteps, --solver_order, --steps.")
@@ -438,20 +431,20 @@ def cmd_serve(args) -> int:
 
 # ---------------------------------------------------------------------------- schedulers / schedule
 def cmd_schedulers(args) -> int:
-    from ddpmkit.schedulers import AUTO, REGISTRY, is_available, measured_figures, resolve
+    from ddpmkit.schedulers import AUTO, REGISTRY, is_available, measured_figures, resolve, settings_words
 
     figures = measured_figures()
     exact = (figures["exact_score"] or {}).get("schedulers", {})
     real = figures["real_model"]
     name, steps, options = resolve(AUTO)
-    print(f"{AUTO:<9} {name}, {_settings_words(steps, options)}: the default of 'ddpmkit sample' and 'ddpmkit eval'")
+    print(f"{AUTO:<9} {name}, {settings_words(steps, options)}: the default of 'ddpmkit sample' and 'ddpmkit eval'")
     if real:
         print(f"{'':<9} FID on {real['model']} at {real['num_images']} images (benchmarks/quality_per_step.py): "
               + _real_model_figures(real, "auto"))
     for name, spec in REGISTRY.items():
         _, steps, options = resolve(name)
         note = "" if is_available(name) else "  [not installed]"
-        print(f"{name:<9} {_settings_words(steps, options)}{note}")
+        print(f"{name:<9} {settings_words(steps, options)}{note}")
         print(f"{'':<9} {spec.description}")
         print(f"{'':<9} {_exact_score_figures(exact.get(name), steps, options)}")
         if real:
@@ -476,10 +469,12 @@ def _exact_score_figures(entry: dict | None, steps: int, options: dict) -> str:
 
 def _real_model_figures(real: dict, name: str) -> str:
     """FID of each measured row of scheduler `name` ('auto': the auto row) on the bundled model."""
+    from ddpmkit.schedulers import settings_words
+
     rows = [r for r in real["rows"] if (r["row"] == "auto" if name == "auto" else r["scheduler"] == name)]
     if not rows:
         return "not measured"
-    return "; ".join(f"{r['fid']:.1f} at {_settings_words(r['steps'], r['options'])} ({r['nfe']} calls)" for r in rows)
+    return "; ".join(f"{r['fid']:.1f} at {settings_words(r['steps'], r['options'])} ({r['nfe']} calls)" for r in rows)
 
 
 def cmd_schedule(args) -> int:

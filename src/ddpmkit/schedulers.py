@@ -119,16 +119,20 @@ def resolve(name: str, steps: int | None = None, karras: bool | None = None, tim
     return name, steps or REGISTRY[name].default_steps, {**defaults, **given}
 
 
+def _option_words(options: dict) -> list[str]:
+    """['karras', 'linspace', 'order 3']: the options a setting names, in the tables' order."""
+    return [word for word in ("karras" if options.get("karras") else "", options.get("timestep_spacing") or "",
+                              f"order {options['solver_order']}" if options.get("solver_order") else "") if word]
+
+
 def settings_label(name: str, options: dict, steps: int | None = None) -> str:
     """A setting as the tables name it: 'dpm++ karras order 3', with ', 25 steps' when steps are given."""
-    parts = [name]
-    if options.get("karras"):
-        parts.append("karras")
-    if options.get("timestep_spacing"):
-        parts.append(options["timestep_spacing"])
-    if options.get("solver_order"):
-        parts.append(f"order {options['solver_order']}")
-    return " ".join(parts) + (f", {steps} steps" if steps else "")
+    return " ".join([name, *_option_words(options)]) + (f", {steps} steps" if steps else "")
+
+
+def settings_words(steps: int, options: dict) -> str:
+    """'25 steps, karras, order 3': a setting without its scheduler's name ('ddpmkit schedulers', --help)."""
+    return ", ".join([f"{steps} steps", *_option_words(options)])
 
 
 # What the benchmarks measured, shipped beside this module: each scheduler's defaults on the exact-score model
