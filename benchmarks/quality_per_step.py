@@ -9,6 +9,10 @@ does not pin down (solver order, spacing) is the scheduler's default, recorded w
     python benchmarks/quality_per_step.py --rows ddpm-1000,auto          # some rows only (no docs or shipped file)
     python benchmarks/quality_per_step.py --model runs/emoji32 --num_images 250 --device cuda
 
+Sampling and evaluating can run on different machines (a GPU machine without the Inception weights samples,
+another evaluates): `--samples DIR --sample_only` samples every row and keeps its images and labels in DIR; the
+same command without --sample_only then evaluates each row from DIR instead of sampling it again.
+
 Resumable: each row's result is kept under runs/quality_per_step/ (a folder per model hash, count and seed, a JSON
 per setting) and skipped when present, so the same command continues a stopped run. ddpm-1000 is the slow row
 (1000 model calls per image): on a CPU run the table in the background, or on a GPU. The UNet runs in fp32 at a
@@ -104,6 +108,46 @@ def measure_row(pipe, counter: CallCounter, scheduler: str, steps: int, options:
             "fid": result.fid, "kid_mean": result.kid_mean, "kid_std": result.kid_std, "precision": result.precision,
             "recall": result.recall, "floor": result.floor, "per_class": result.per_class,
             "seconds": round(time.perf_counter() - start, 1), "eval": result.to_dict()}
+
+
+def sample_row(pipe, counter: CallCounter, scheduler: str, steps: int, options: dict, args, dataset: str,
+                per_class: bool) -> dict:
+    """One setting's images without evaluating them: what `evaluate` would sample (the same reference labels,
+    seed and sampler), for --sample_only."""
+    from ddpmkit.evaluation import _generated_labels, _sample_images, _size_and_channels, dataset_images
+
+    counter.reset()
+    start = time.perf_counter()
+    image_size, channels = _size_and_channels(pipe, None, None)
+    reference = dataset_images(dataset, image_size, channels, args.num_images, label_column=args.label_column)
+    labels = _generated_labels(pipe, getattr(pipe.config, "_name_or_path", None), reference, per_class, None)
+    sampler = dict(scheduler=scheduler, steps=steps, **{k: options.get(k) for k in ("karras", "timestep_spacing",
+                                                                                    "solver_order")})
+    generated, settings = _sample_images(pipe, len(reference), sampler, args.seed, args.batch_size, labels, 1.0,
+                                         args.device, not args.quiet, "fp32")
+    return {"images": generated.images, "labels": generated.labels, "settings": settings,
+            "nfe": counter.rows / len(generated), "unet_forwards": counter.calls,
+            "sampling_seconds": round(time.perf_counter() - start, 1), "weights_sha256": weights_sha256(pipe.unet),
+            "device": str(pipe.unet.device) + (f" ({torch.cuda.get_device_name()})"
+                                               if pipe.unet.device.type == "cuda" else "")}
+
+
+def evaluate_samples(saved: dict, scheduler: str, steps: int, options: dict, args, dataset: str) -> dict:
+    """One setting's row from images sampled earlier (--samples): the same reference, so the same FID as sampling
+    here would give for those images; no per-class figures (the table does not show them)."""
+    start = time.perf_counter()
+    result = evaluate(saved["images"], dataset=dataset, num_images=args.num_images, label_column=args.label_column,
+                      cache_dir=args.cache_dir, floor=True, device=args.device, progress=not args.quiet)
+    nfe = saved["nfe"]
+    evaluation = result.to_dict()
+    evaluation["settings"]["model"] = {"weights_sha256": saved["weights_sha256"], **saved["settings"],
+                                       "sampled_on": saved["device"]}
+    return {"scheduler": scheduler, "steps": steps, "options": options, "label": settings_label(scheduler, options),
+            "nfe": int(nfe) if float(nfe).is_integer() else nfe, "unet_forwards": saved["unet_forwards"],
+            "fid": result.fid, "kid_mean": result.kid_mean, "kid_std": result.kid_std, "precision": result.precision,
+            "recall": result.recall, "floor": result.floor, "per_class": {},
+            "seconds": round(saved["sampling_seconds"] + time.perf_counter() - start, 1),
+            "sampled_on": saved["device"], "eval": evaluation}
 
 
 def table_label(scheduler: str, options: dict) -> str:
@@ -222,8 +266,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", default=str(ROOT / "docs" / "quality_per_step.png"), help="the plot")
     parser.add_argument("--docs", default=str(ROOT / "docs" / "samplers.md"), help="docs page to update ('' for none)")
     parser.add_argument("--no_ship", action="store_true", help=f"do not write {QUALITY_FILE.name} into the package")
+    parser.add_argument("--samples", default=None, help="folder for each row's generated images: rows found there "
+                        "are evaluated from it instead of sampled")
+    parser.add_argument("--sample_only", action="store_true", help="with --samples: sample the rows not yet there "
+                        "and stop (no Inception needed: for a GPU machine whose results are evaluated elsewhere)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.sample_only and not args.samples:
+        parser.error("--sample_only needs --samples DIR (where the images go)")
     unknown = set((args.rows or "").split(",")) - set(ROWS) - {""}
     if unknown:
         parser.error(f"unknown row(s) {', '.join(sorted(unknown))}: use {', '.join(ROWS)}")
@@ -247,16 +297,35 @@ def main(argv: list[str] | None = None) -> int:
     exact = exact_score_lookup()
     counter = CallCounter(pipe.unet)
     rows = []
+    samples = Path(args.samples) if args.samples else None
     try:
         for row_id in wanted:
             scheduler, steps, options = resolve(ROWS[row_id][0], ROWS[row_id][1], **ROWS[row_id][2])
             path = folder / f"{setting_key(scheduler, steps, options)}.json"
+            saved_path = samples / f"{setting_key(scheduler, steps, options)}.pt" if samples else None
+            if args.sample_only:
+                if not saved_path.is_file():
+                    log.info("%s: %s, %d steps: sampling ...", row_id, settings_label(scheduler, options), steps)
+                    saved = sample_row(pipe, counter, scheduler, steps, options, args, dataset, per_class)
+                    saved_path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(saved, saved_path.with_suffix(".tmp"))
+                    saved_path.with_suffix(".tmp").replace(saved_path)
+                    log.info("%s: %d images, %g model calls per image, %.1f s", row_id, len(saved["images"]),
+                             saved["nfe"], saved["sampling_seconds"])
+                continue
             if path.is_file():  # done before (or by another row with the same settings, e.g. deis and auto)
                 measured = json.loads(path.read_text())
                 log.info("%s: %s, %d steps: kept from %s", row_id, measured["label"], steps, path)
             else:
                 log.info("%s: %s, %d steps ...", row_id, settings_label(scheduler, options), steps)
-                measured = measure_row(pipe, counter, scheduler, steps, options, args, dataset, per_class)
+                if saved_path is not None and saved_path.is_file():
+                    saved = torch.load(saved_path, weights_only=True)
+                    if saved["weights_sha256"] != sha:
+                        raise SystemExit(f"{saved_path} was sampled from other weights ({saved['weights_sha256'][:12]}"
+                                         f", not {sha[:12]}): give the --samples folder of this model")
+                    measured = evaluate_samples(saved, scheduler, steps, options, args, dataset)
+                else:
+                    measured = measure_row(pipe, counter, scheduler, steps, options, args, dataset, per_class)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(measured, indent=1) + "\n")
                 tmp.replace(path)  # complete or absent: a kill mid-row leaves no result
@@ -267,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                          "exact_score": exact_cell(pair)})
     finally:
         counter.close()
+    if args.sample_only:
+        log.info("sampled every row into %s: evaluate them with the same command without --sample_only", samples)
+        return 0
     by_id = {row["row"]: row for row in rows}
     floors = [row["floor"]["fid"] for row in rows if row.get("floor")]
     result = {"model": str(args.model), "weights_sha256": sha, "dataset": dataset, "num_images": args.num_images,
