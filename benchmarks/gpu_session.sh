@@ -14,7 +14,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 DEADLINE=${DEADLINE:-430}          # seconds after the start by which training must have ended
-CANDIDATES=${CANDIDATES:-tiny small} DEVICE=${DEVICE:-cuda} NUM_IMAGES=${NUM_IMAGES:-500} RATE_STEPS=${RATE_STEPS:-200} BATCH=${BATCH:-256}
+export CANDIDATES=${CANDIDATES:-tiny small} DEVICE=${DEVICE:-cuda} NUM_IMAGES=${NUM_IMAGES:-500} RATE_STEPS=${RATE_STEPS:-200} BATCH=${BATCH:-256}
+export DEVICE NUM_IMAGES RATE_STEPS BATCH
 # (a smoke run of this script on a CPU: DEVICE=cpu CANDIDATES=micro BATCH=16 NUM_IMAGES=8 RATE_STEPS=60 DEADLINE=100 SKIP_BENCH=1)
 W=/tmp/gs
 mkdir -p "$OUT" "$W"

@@ -74,14 +74,20 @@ def summary(values: list[float], digits: int = 3) -> dict:
 
 
 def machine_info(device: str, threads: int) -> dict:
+    import importlib.metadata
+
     import accelerate
-    import datasets
     import diffusers
+
+    try:  # only the course's loop needs it (a GPU machine may not have it)
+        datasets_version = importlib.metadata.version("datasets")
+    except importlib.metadata.PackageNotFoundError:
+        datasets_version = None
 
     info = {"cpu": cpu_model(), "cpu_flags": [f for f in FLAGS_SHOWN if f in cpu_flags()], "cores": os.cpu_count(),
             "torch_threads": threads, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "device": device, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "diffusers": diffusers.__version__, "accelerate": accelerate.__version__, "datasets": datasets_version,
             "native_bf16": native_bf16(device)}
     return info
 

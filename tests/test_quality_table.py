@@ -66,3 +66,25 @@ def test_quality_table_runs_two_rows_and_resumes(micro_model, tmp_path, caplog):
     assert {path: path.stat().st_mtime_ns for path in kept} == before and caplog.text.count("kept from") == 2
     again = json.loads((tmp_path / "out" / "quality_per_step.json").read_text())
     assert [row["fid"] for row in again["rows"]] == [row["fid"] for row in result["rows"]]
+
+
+@pytest.mark.slow
+def test_rows_sampled_on_one_machine_and_evaluated_on_another_give_the_same_figures(micro_model, tmp_path):
+    """--samples DIR --sample_only keeps each row's images (no Inception needed: a GPU machine); the same command
+    without --sample_only evaluates them against the same reference, so the FID equals sampling and evaluating here."""
+    script = load_script()
+    model, _ = micro_model
+    common = ["--model", str(model), "--label_column", "folder", "--num_images", "20", "--rows", "ddim-10",
+              "--cache_dir", str(tmp_path / "cache"), "--docs", "", "--no_ship", "--quiet",
+              "--plot", str(tmp_path / "q.png")]
+    assert script.main(common + ["--runs", str(tmp_path / "direct"), "--out", str(tmp_path / "direct_out")]) == 0
+    samples = tmp_path / "samples"
+    assert script.main(common + ["--runs", str(tmp_path / "split"), "--out", str(tmp_path / "split_out"),
+                                 "--samples", str(samples), "--sample_only"]) == 0
+    assert [p.name for p in samples.iterdir()] == ["ddim-10-steps.pt"] and not (tmp_path / "split_out").exists()
+    assert script.main(common + ["--runs", str(tmp_path / "split"), "--out", str(tmp_path / "split_out"),
+                                 "--samples", str(samples)]) == 0
+    direct, split = (json.loads((tmp_path / d / "quality_per_step.json").read_text())["rows"][0]
+                     for d in ("direct_out", "split_out"))
+    assert split["fid"] == pytest.approx(direct["fid"], rel=1e-6) and split["nfe"] == direct["nfe"] == 10
+    assert split["kid_mean"] == pytest.approx(direct["kid_mean"], rel=1e-6) and split["sampled_on"].startswith("cpu")

@@ -150,3 +150,16 @@ def test_sample_cli_takes_dtype_and_channels_last():
     assert build_parser().parse_args(["sample", "--model", "m"]).dtype == "auto"
     with pytest.raises(UserError, match="--dtype"):
         build_parser().parse_args(["sample", "--model", "m", "--dtype", "fp8"])
+
+
+def test_a_second_training_in_the_same_process_may_use_another_precision(tmp_path, image_folder):
+    """accelerate keeps the first Accelerator's precision for the whole process and refuses another (found on a GPU,
+    where the speed benchmark trains in fp32 and then in bf16): the trainer starts each run with its own."""
+    from accelerate import Accelerator
+
+    from ddpmkit.trainer import Trainer
+
+    Accelerator(mixed_precision="bf16", cpu=True)  # an earlier run in this process, in another precision
+    config = ddpmkit.TrainConfig(dataset=str(image_folder), preset="micro", image_size=8, batch_size=4, max_steps=1,
+                                 device="cpu", output_dir=str(tmp_path / "run"))
+    assert Trainer(config.validate()).accelerator.mixed_precision == "no"

@@ -91,6 +91,7 @@ class Trainer:
     # ------------------------------------------------------------------ set up
     def _make_accelerator(self):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import ProjectConfiguration, set_seed
 
         c = self.config
@@ -112,6 +113,9 @@ class Trainer:
             except ImportError:
                 raise UserError("--wandb_project needs the wandb package: pip install wandb") from None
             trackers.append("wandb")
+        # accelerate keeps one precision per process and refuses another: a second training in the same Python
+        # process (a notebook, a benchmark) may ask for another. The distributed set-up (PartialState) is kept.
+        AcceleratorState._reset_state()
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=c.grad_accumulation_steps,
