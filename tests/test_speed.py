@@ -133,6 +133,32 @@ def test_sample_calls_the_unet_in_micro_batches_and_the_images_do_not_depend_on_
     assert all(p.is_contiguous() for p in pipe.unet.parameters())
 
 
+def test_fixed_dtype_is_a_constant_while_sampling_and_diffusers_property_again_after(plain_pipeline):
+    pipe = ddpmkit.load_pipeline(plain_pipeline)
+    unet, cls = pipe.unet, type(pipe.unet)
+    seen = []
+    hook = unet.register_forward_pre_hook(lambda module, args: seen.append((type(module), module.dtype)))
+    try:
+        ddpmkit.sample(pipe, scheduler="ddpm", steps=2, num_images=2, seed=0, dtype="fp32", progress=False)
+    finally:
+        hook.remove()
+    assert seen and all(c is not cls and issubclass(c, cls) and d == torch.float32 for c, d in seen)
+    assert type(unet) is cls and isinstance(cls.dtype, property)  # restored after sampling
+    with pytest.raises(RuntimeError, match="boom"):
+        with tuning.fixed_dtype(unet):
+            assert type(unet) is not cls and unet.dtype == torch.float32
+            with tuning.fixed_dtype(unet):  # nested: left as it is
+                pass
+            assert type(unet) is not cls
+            raise RuntimeError("boom")
+    assert type(unet) is cls  # restored on an exception too
+    unet.to(torch.bfloat16)
+    assert unet.dtype == torch.bfloat16  # diffusers' property again, not the fixed value
+    plain = torch.nn.Linear(2, 2)  # no dtype property: left alone
+    with tuning.fixed_dtype(plain):
+        assert type(plain) is torch.nn.Linear
+
+
 def test_train_bf16_on_a_cpu_without_it_warns_and_trains_in_fp32(tmp_path, image_folder, monkeypatch, caplog):
     from ddpmkit import trainer as trainer_module
 
