@@ -57,7 +57,8 @@ samplers-table: $(STAMP)
 	$(BIN)/python benchmarks/samplers_table.py
 
 # FID vs model calls per sampler on the bundled model (docs/samplers.md). Resumable; ddpm-1000 is hours on a CPU:
-# run it in the background, or on a GPU with QUALITY_ARGS="--device cuda".
+# run it in the background, or sample the rows on a GPU (QUALITY_ARGS="--device cuda", or there
+# "--samples DIR --sample_only" and here "--samples DIR" when the GPU machine has no Inception weights).
 QUALITY_ARGS ?=
 quality-table: $(STAMP)
 	$(BIN)/python benchmarks/quality_per_step.py $(QUALITY_ARGS)

@@ -44,7 +44,7 @@ def cpu_name() -> str:
     return f"{cpu_model()} ({os.cpu_count()} cores, {isa}, no GPU)"
 
 
-def write_pipeline(source: Path, staged: Path, run: Path) -> dict:
+def write_pipeline(source: Path, staged: Path, run: Path, hardware: str) -> dict:
     import torch
     from diffusers import DDPMPipeline
 
@@ -63,7 +63,7 @@ def write_pipeline(source: Path, staged: Path, run: Path) -> dict:
     config = meta["train_config"]
     meta["bundled"] = {"source": str(source.relative_to(ROOT) if source.is_relative_to(ROOT) else source),
                        "steps": step, "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
-                       "train_minutes": round(at[-1]["train_s"] / 60, 1), "hardware": cpu_name(),
+                       "train_minutes": round(at[-1]["train_s"] / 60, 1), "hardware": hardware,
                        "weights_dtype_on_disk": "float16", "date": time.strftime("%Y-%m-%d")}
     (staged / "ddpmkit.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -111,17 +111,20 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
     lines += ["## Training", "", "```bash", training_command(config), "```", "",
               f"- Steps: {b['steps']:,} optimizer steps of {config['batch_size']} images: {b['images_seen']:,} "
               f"images seen ({b['images_seen'] / 4009:.0f} epochs of the 4,009 emoji).",
-              f"- Wall time: {b['train_minutes']} minutes of training on {b['hardware']}, shared with other work "
-              "for part of the time (so a quiet machine of this kind is faster).",
+              f"- Wall time: {b['train_minutes']} minutes of training on {b['hardware']}.",
               f"- Recipe: preset `{config['preset']}`, {config.get('prediction_type') or 'epsilon'} prediction, "
               f"AdamW lr {config['lr']} ({config['lr_scheduler']}, {config['lr_warmup_steps']} warm-up steps), "
               f"EMA {'on' if config['use_ema'] else 'off'}, Min-SNR-γ {config.get('snr_gamma') or 'off'}.",
-              "- FID of this run's saved pipelines against training minutes: docs/performance.md (time to quality).",
+              "- What an hour of CPU training gives with this recipe at batch 64 (FID against minutes): "
+              "docs/performance.md (time to quality).",
               "- Chosen by measurement: every candidate trained for the same wall-clock budget and was scored with "
-              "`ddpmkit eval` (benchmarks/emoji32_recipe.py; table below)."] + ([f"- {note}"] if note else []) + [""]
-    recipe = ROOT / "benchmarks" / "results" / "emoji32_recipe.md"
-    if recipe.exists():
-        lines += ["### What was tried", ""] + recipe.read_text().splitlines()[2:] + [""]
+              "`ddpmkit eval` (tables below)."] + ([f"- {note}"] if note else []) + [""]
+    tried = [ROOT / "benchmarks" / "results" / name for name in ("emoji32_gpu.md", "emoji32_recipe.md")]
+    if any(path.exists() for path in tried):
+        lines += ["### What was tried", ""]
+        for path in tried:
+            if path.exists():
+                lines += ["#### " + path.read_text().splitlines()[0].lstrip("# ")] + path.read_text().splitlines()[1:] + [""]
     lines += ["## Usage", "", "```bash", "ddpmkit sample                       # emoji32 is the default --model",
               "ddpmkit sample --class_label flags --cfg_scale 3", "```", "", "```python", "import ddpmkit",
               "pipe = ddpmkit.load_pipeline('emoji32')",
@@ -139,6 +142,8 @@ def main() -> None:
     parser.add_argument("--pipeline", default=None, help="the pipeline to bundle (default: the run's final one)")
     parser.add_argument("--num_images", type=int, default=2000, help="images on each side of the eval")
     parser.add_argument("--skip_eval", action="store_true")
+    parser.add_argument("--hardware", default=None, help="what it was trained on, for the model card (default: "
+                        "this machine's CPU, shared with other work)")
     parser.add_argument("--note", default=None, help="one more line for the model card's Training section")
     parser.add_argument("--quality_note", default=None, help="a paragraph for the model card's Quality section")
     parser.add_argument("--card_only", action="store_true", help="rewrite README.md from the bundled folder's "
@@ -159,7 +164,9 @@ def main() -> None:
     source = Path(args.pipeline).resolve() if args.pipeline else run
     staged = DEST.parent / ".tmp_emoji32"
     shutil.rmtree(staged, ignore_errors=True)
-    meta = write_pipeline(source, staged, run)
+    hardware = args.hardware or (f"{cpu_name()}, shared with other work for part of the time (so a quiet machine "
+                                 "of this kind is faster)")
+    meta = write_pipeline(source, staged, run, hardware)
     meta["weights_sha256"] = sha256(staged / WEIGHTS)
     (staged / "ddpmkit.json").write_text(json.dumps(meta, indent=2) + "\n")
     if DEST.exists():

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The bundled emoji32 model's training run (the recipe chosen by benchmarks/emoji32_recipe.py: tiny, v-prediction,
-# AdamW 1e-3 with a cosine decay, EMA). Resumable: rerun the same command after any stop. Then:
-#   python benchmarks/time_to_quality.py --run runs/emoji32        # FID at 15/30/60 training minutes
-#   python scripts/bundle_emoji32.py --run runs/emoji32 --pipeline runs/emoji32/step_N
+# The bundled emoji32 model's training command: tiny, v-prediction, AdamW 1e-3 with a cosine decay, EMA, batch 256,
+# 4,125 steps (about 4 minutes on an H100; trained there by benchmarks/gpu_session.sh, where tiny beat small at the
+# same wall time: benchmarks/results/emoji32_gpu.md). On a 2-core CPU (40-60 images/s) the same steps take 5-7 hours;
+# STEPS=2100 BATCH=64 is about one CPU hour (the time-to-quality curve in docs/performance.md). Resumable: rerun the same command
+# after any stop. Then:
+#   python scripts/bundle_emoji32.py --run runs/emoji32 --hardware "what it ran on"
 set -euo pipefail
 ddpmkit train --dataset emoji --image_size 32 --class_column label --preset tiny --prediction_type v_prediction \
-  --batch_size 64 --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 50 --use_ema --max_steps "${STEPS:-2100}" \
-  --save_model_every 200 --checkpointing_steps 200 --resume_from_checkpoint latest --seed 0 \
-  --cache_dir runs/.emoji-cache --output_dir runs/emoji32 "$@"
+  --batch_size "${BATCH:-256}" --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 100 --use_ema \
+  --max_steps "${STEPS:-4125}" --save_model_every 500 --checkpointing_steps 500 --resume_from_checkpoint latest \
+  --seed 0 --cache_dir runs/.emoji-cache --output_dir runs/emoji32 "$@"

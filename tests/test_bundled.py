@@ -44,6 +44,20 @@ def test_weights_hash_matches_the_model_card():
     assert json.loads((FOLDER / "ddpmkit.json").read_text())["weights_sha256"] == digest
 
 
+def test_shipped_sampler_figures_and_eval_are_of_the_bundled_weights():
+    """What `ddpmkit schedulers` prints (quality_per_step.json) and the model card's eval were measured on the
+    weights that ship, and the eval used the sampler `auto` is now."""
+    from ddpmkit.evaluation import weights_sha256
+    from ddpmkit.schedulers import QUALITY_FILE, resolve
+
+    sha = weights_sha256(ddpmkit.load_pipeline(DEFAULT_MODEL).unet)
+    assert json.loads(QUALITY_FILE.read_text())["weights_sha256"] == sha
+    evaluation = json.loads((FOLDER / "eval.json").read_text())["settings"]["model"]
+    scheduler, steps, options = resolve("auto")
+    assert evaluation["weights_sha256"] == sha
+    assert (evaluation["sampler"]["scheduler"], evaluation["sampler"]["steps"]) == (scheduler, steps)
+
+
 def test_plain_diffusers_loads_it_in_float32_and_the_course_loop_gives_finite_images():
     from diffusers import DDIMScheduler, DDPMPipeline
 

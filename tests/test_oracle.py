@@ -267,7 +267,7 @@ def test_auto_default_matches_ddpm_1000_on_both_schedules(pipes, truth):
     for schedule in SCHEDULES:
         pipe = pipes[schedule]
         out = sample(pipe, num_images=N, seed=0, progress=False)
-        assert out.nfe == AUTO_CHOICE["steps"] < 100
+        assert out.nfe < 100  # far fewer model calls than ddpm-1000 (dpm++sde Karras 40: 79)
         scores = evaluate(out.images, pipe.mixture)
         ddpm_spread = ddpm_spread_ratio(pipe.scheduler, pipe.mixture.std)
         assert abs(scores["spread"] - 1) <= abs(ddpm_spread - 1) + 0.02

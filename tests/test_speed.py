@@ -182,9 +182,11 @@ def test_a_second_training_in_the_same_process_may_use_another_precision(tmp_pat
     """accelerate keeps the first Accelerator's precision for the whole process and refuses another (found on a GPU,
     where the speed benchmark trains in fp32 and then in bf16): the trainer starts each run with its own."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from ddpmkit.trainer import Trainer
 
+    AcceleratorState._reset_state()  # whatever an earlier test left
     Accelerator(mixed_precision="bf16", cpu=True)  # an earlier run in this process, in another precision
     config = ddpmkit.TrainConfig(dataset=str(image_folder), preset="micro", image_size=8, batch_size=4, max_steps=1,
                                  device="cpu", output_dir=str(tmp_path / "run"))
