@@ -290,8 +290,9 @@ def compact(result: dict) -> str:
     lines += ["", "Before / after, spread / mode TV / SWD:", ""] + repro_table(result)
     lines += ["", "Spread ratio per setting and steps, linear / cosine (1.0 is right); **bold**: within all three "
               "bounds on both schedules. "
-              + (f"Chosen default (`auto`): **{choice['label']}, {choice['steps']} steps** ({choice['nfe']} model "
-                 "calls)." if choice else "No setting matched."), "",
+              + (f"Cheapest setting within them: **{choice['label']}, {choice['steps']} steps** ({choice['nfe']} "
+                 "model calls); `auto` must also be within 10% of ddpm-1000's FID on the bundled model (the "
+                 "quality-per-step table)." if choice else "No setting matched."), "",
               "| setting | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
     lines += spread_rows(result, steps)
     more = sorted({st for _, extra in EXTENDED.values() for st in extra})
@@ -428,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("measured choice: %s; AUTO_CHOICE in ddpmkit: %s; %.0f s", result["choice"], AUTO_CHOICE,
              result["seconds"])
     if result["choice"] and {k: v for k, v in result["choice"].items() if k not in ("nfe", "label")} != AUTO_CHOICE:
-        log.warning("the measured choice differs from schedulers.AUTO_CHOICE: update it (and docs/samplers.md)")
+        log.info("schedulers.AUTO_CHOICE is not the cheapest setting here: it must also pass the real-model FID bar "
+                 "(benchmarks/quality_per_step.py); tests/test_oracle.py holds it to these bounds")
     for name, chosen in result["default_choice"].items():
         _, steps, options = resolve(name)
         if chosen and (chosen["steps"], chosen["label"]) != (steps, label(name, options)):
