@@ -115,25 +115,24 @@ def measure_row(pipe, counter: CallCounter, scheduler: str, steps: int, options:
 
 
 def sample_row(pipe, counter: CallCounter, scheduler: str, steps: int, options: dict, args, dataset: str,
-                per_class: bool) -> dict:
-    """One setting's images without evaluating them: what `evaluate` would sample (the same reference labels,
-    seed and sampler), for --sample_only."""
-    from ddpmkit.evaluation import _generated_labels, _sample_images, _size_and_channels, dataset_images
+               per_class: bool) -> dict:
+    """One setting's images without evaluating them: what `evaluate` samples for the row (the same reference
+    labels, seed and sampler), for --sample_only."""
+    from ddpmkit.evaluation import _size_and_channels, dataset_images, sample_for_evaluation
 
     counter.reset()
     start = time.perf_counter()
     image_size, channels = _size_and_channels(pipe, None, None)
     reference = dataset_images(dataset, image_size, channels, args.num_images, label_column=args.label_column)
-    labels = _generated_labels(pipe, getattr(pipe.config, "_name_or_path", None), reference, per_class, None)
     sampler = dict(scheduler=scheduler, steps=steps, **{k: options.get(k) for k in ("karras", "timestep_spacing",
                                                                                     "solver_order")})
-    generated, settings = _sample_images(pipe, len(reference), sampler, args.seed, args.batch_size, labels, 1.0,
-                                         args.device, not args.quiet, "fp32")
+    generated, _, settings = sample_for_evaluation(pipe, getattr(pipe.config, "_name_or_path", None), reference,
+                                                   len(reference), sampler, args.seed, args.batch_size, per_class,
+                                                   None, 1.0, args.device, not args.quiet, "fp32")
     return {"images": generated.images, "labels": generated.labels, "settings": settings,
             "nfe": counter.rows / len(generated), "unet_forwards": counter.calls,
             "sampling_seconds": round(time.perf_counter() - start, 1), "weights_sha256": weights_sha256(pipe.unet),
-            "device": str(pipe.unet.device) + (f" ({torch.cuda.get_device_name()})"
-                                               if pipe.unet.device.type == "cuda" else "")}
+            "device": machine(pipe)}
 
 
 def evaluate_samples(saved: dict, scheduler: str, steps: int, options: dict, args, dataset: str) -> dict:
@@ -248,10 +247,15 @@ def shipped(result: dict) -> dict:
         "rows": [{k: row[k] for k in keep} for row in result["rows"]]}
 
 
+def machine(pipe) -> str:
+    """Where the UNet runs: 'cuda:0 (NVIDIA H100 80GB HBM3)', 'cpu (x86_64)'."""
+    device = pipe.unet.device
+    return f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()})"
+
+
 def where(pipe, rows: list[dict]) -> str:
     """The machine the rows ran on; with --samples, also the one that sampled them."""
-    here = str(pipe.unet.device) + (f" ({torch.cuda.get_device_name()})" if pipe.unet.device.type == "cuda"
-                                    else f" ({platform.machine()})")
+    here = machine(pipe)
     sampled = sorted({row.get("sampled_on") or here for row in rows})
     return f"sampled on {' and '.join(sampled)}, evaluated on {here}" if sampled != [here] else here
 

@@ -119,12 +119,12 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
               "docs/performance.md (time to quality).",
               "- Chosen by measurement: every candidate trained for the same wall-clock budget and was scored with "
               "`ddpmkit eval` (tables below)."] + ([f"- {note}"] if note else []) + [""]
-    tried = [ROOT / "benchmarks" / "results" / name for name in ("emoji32_gpu.md", "emoji32_recipe.md")]
-    if any(path.exists() for path in tried):
-        lines += ["### What was tried", ""]
-        for path in tried:
-            if path.exists():
-                lines += ["#### " + path.read_text().splitlines()[0].lstrip("# ")] + path.read_text().splitlines()[1:] + [""]
+    tried = [path for path in (ROOT / "benchmarks" / "results" / f"emoji32_{name}.md" for name in ("gpu", "recipe"))
+             if path.exists()]
+    lines += ["### What was tried", ""] if tried else []
+    for path in tried:  # each results file's title one level down, then its text
+        title, *text = path.read_text().splitlines()
+        lines += ["#### " + title.lstrip("# "), *text, ""]
     lines += ["## Usage", "", "```bash", "ddpmkit sample                       # emoji32 is the default --model",
               "ddpmkit sample --class_label flags --cfg_scale 3", "```", "", "```python", "import ddpmkit",
               "pipe = ddpmkit.load_pipeline('emoji32')",

@@ -589,15 +589,11 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
         settings["vs_dataset"] = generated.describe
         timings["second dataset"] = time.perf_counter() - t0
     elif pipe is not None:
-        labels = _generated_labels(pipe, model_name, reference, per_class, class_label)
-        if class_label is not None:  # one class: compared with that class's images only
-            reference = _restrict_to_class(reference, labels[0], model_name)
-            count = min(count, len(reference))
-            labels = labels * count
         sampler = dict(scheduler=scheduler, steps=steps, karras=karras, timestep_spacing=timestep_spacing,
                        solver_order=solver_order)
-        generated, sample_settings = _sample_images(pipe, count, sampler, seed, batch_size, labels, cfg_scale, device,
-                                                    progress, dtype)
+        generated, reference, sample_settings = sample_for_evaluation(
+            pipe, model_name, reference, count, sampler, seed, batch_size, per_class, class_label, cfg_scale, device,
+            progress, dtype)
         settings["model"] = {"name": model_name, "weights_sha256": weights_sha256(pipe.unet), **sample_settings}
         timings["sampling"] = time.perf_counter() - t0
     settings["reference"] = reference.describe
@@ -730,6 +726,22 @@ def _restrict_to_class(reference: ImageSet, model_label: int, model_name) -> Ima
     describe = {**reference.describe, "class": names[model_label] if names else model_label,
                 "count": int(keep.sum())}
     return ImageSet(reference.images[keep], reference.labels[keep], reference.class_names, describe)
+
+
+def sample_for_evaluation(pipe, model_name: str | None, reference: ImageSet, count: int, sampler: dict, seed: int,
+                          batch_size: int | None, per_class: bool, class_label, cfg_scale: float, device,
+                          progress: bool, dtype: str = "auto") -> tuple[ImageSet, ImageSet, dict]:
+    """What `evaluate` samples from a model to compare with `reference`: `count` images with the reference's
+    labels (per class), one class's label, or none. Returns the images, the reference they are compared with
+    (that class's images only, for `class_label`) and the sampling settings."""
+    labels = _generated_labels(pipe, model_name, reference, per_class, class_label)
+    if class_label is not None:  # one class: compared with that class's images only
+        reference = _restrict_to_class(reference, labels[0], model_name)
+        count = min(count, len(reference))
+        labels = labels * count
+    generated, settings = _sample_images(pipe, count, sampler, seed, batch_size, labels, cfg_scale, device, progress,
+                                         dtype)
+    return generated, reference, settings
 
 
 def _sample_images(pipe, count: int, sampler: dict, seed: int, batch_size: int | None, labels: list[int] | None,

@@ -11,8 +11,8 @@ model's full schedule.
 from __future__ import annotations
 
 import inspect
-import warnings
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,10 @@ REGISTRY: dict[str, SchedulerSpec] = {
 # calls but stays 20%+ above ddpm-1000 on the second (DEIS 15: 142.1), so auto is stochastic.
 AUTO = "auto"
 AUTO_CHOICE = {"scheduler": "dpm++sde", "steps": 40, "karras": True}  # 79 model calls vs ddpm's 1000
+
+# diffusers' Brownian tree (dpm++sde, so `auto`) asks torchsde for an interval whose end is a float32 rounding past
+# the tree's (128.33001708984375 vs 128.330002): harmless, but printed on every run
+warnings.filterwarnings("ignore", message=r"Should have (tb|ta)<=t1", category=UserWarning, module="torchsde")
 
 
 def scheduler_names() -> list[str]:
@@ -165,11 +169,6 @@ def _scheduler_class(name: str):
         inspect.signature(cls.__init__)  # diffusers' dummy object raises here when a backend is missing
         if name == "dpm++sde":
             import torchsde  # noqa: F401
-
-            # diffusers' Brownian tree asks torchsde for an interval whose end is a float32 rounding past the
-            # tree's (128.33001708984375 vs 128.330002): harmless, but printed on every run of `auto`
-            warnings.filterwarnings("ignore", message=r"Should have (tb|ta)<=t1", category=UserWarning,
-                                    module="torchsde")
     except ImportError:
         raise UserError(f"scheduler {name} needs the torchsde package: pip install torchsde") from None
     return cls

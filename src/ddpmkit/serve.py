@@ -486,6 +486,7 @@ def build_app(studio: Studio):
     from ddpmkit.schedulers import default_steps, resolve, settings_label
 
     auto_name, auto_steps, auto_options = resolve("auto")
+    auto_label = settings_label(auto_name, auto_options, auto_steps)
 
     first = studio.describe(studio.default_model)
     clip_off = studio.clip_reason
@@ -498,7 +499,7 @@ def build_app(studio: Studio):
                 model = gr.Dropdown([(m.label, m.value) for m in studio.models.values()], value=first.value,
                                     label="model", info="the bundled model and the pipelines under --models_dir")
                 scheduler = gr.Dropdown(studio.schedulers, value="auto", label="scheduler",
-                                        info=f"auto: {settings_label(auto_name, auto_options, auto_steps)}, the measured default")
+                                        info=f"auto: {auto_label}, the measured default")
                 steps = gr.Slider(1, MAX_STEPS, value=default_steps("auto"), step=1, label="steps", elem_id="steps")
                 num_images = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="images")
                 with gr.Row(equal_height=True):
