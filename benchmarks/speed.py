@@ -93,8 +93,10 @@ def machine_info(device: str, threads: int) -> dict:
 
 
 # --------------------------------------------------------------------------- the bare step and the peak
-def bare_step(preset: str, batch: int, device: str, autocast_bf16: bool = False, channels_last: bool = False):
-    """forward + MSE + backward + AdamW step of a fresh `preset` UNet on fixed tensors already on the device."""
+def bare_step(preset: str, batch: int, device: str, autocast_bf16: bool = False, channels_last: bool = False,
+              compiled: bool = False):
+    """forward + MSE + backward + AdamW step of a fresh `preset` UNet on fixed tensors already on the device
+    (`compiled`: the UNet through torch.compile, as `ddpmkit train --compile` runs it)."""
     torch.manual_seed(0)
     unet = build_unet(preset, 32).to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=4e-4)
@@ -104,10 +106,11 @@ def bare_step(preset: str, batch: int, device: str, autocast_bf16: bool = False,
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(unet, dynamic=False) if compiled else unet
 
     def step():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            out = unet(x, t, return_dict=False)[0]
+            out = forward(x, t, return_dict=False)[0]
         loss = F.mse_loss(out.float(), noise)
         loss.backward()
         optimizer.step()
@@ -212,14 +215,36 @@ def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Pa
     return loop, model
 
 
-def switch_gain(preset: str, batch: int, repeats: int, device: str) -> dict:
-    """Bare-step speed of channels-last over contiguous (interleaved): does the switch lift training?"""
-    plain, cl = bare_step(preset, batch, device), bare_step(preset, batch, device, channels_last=True)
-    plain(), cl()
-    ratios = []
-    for _ in range(repeats):
-        ratios.append(timed(plain, device) / timed(cl, device))
-    return {"preset": preset, "batch": batch, "switch": "channels_last", "ratio": summary(ratios)}
+def switch_gain(preset: str, batch: int, repeats: int, device: str, switch: str = "channels_last") -> dict:
+    """Bare-step speed with a switch over without it (interleaved): does the switch lift training?
+
+    channels_last: the memory format; compile: torch.compile (its one-time compile timed apart); threads: all
+    cores over the benchmark's thread count (what a user's default gets over this benchmark's setting)."""
+    plain = bare_step(preset, batch, device)
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    other = bare_step(preset, batch, device, channels_last=switch == "channels_last", compiled=switch == "compile")
+    if switch == "threads":
+        cores = os.cpu_count() or 1
+
+        def other_step(run=other):
+            torch.set_num_threads(cores)
+            try:
+                run()
+            finally:
+                torch.set_num_threads(threads)
+
+        other = other_step
+    plain()
+    other()
+    first_s = time.perf_counter() - start
+    ratios = [timed(plain, device) / timed(other, device) for _ in range(repeats)]
+    entry = {"preset": preset, "batch": batch, "switch": switch, "ratio": summary(ratios)}
+    if switch == "compile":
+        entry["compile_seconds"] = round(first_s, 1)
+    if switch == "threads":
+        entry["threads"] = [threads, os.cpu_count()]
+    return entry
 
 
 def bf16_training(repeats: int, device: str, batch: int = 2) -> dict:
@@ -298,8 +323,9 @@ def make_jpegs(folder: Path, n: int = 1000, width: int = 512, height: int = 384)
     return folder
 
 
-def course_loop(folder: str, preset: str, batch: int, steps: int, device: str) -> list[float]:
-    """The course's Unit 1 loop as the course writes it; returns the seconds of each step (data included).
+def course_loop(folder: str, preset: str, batch: int, steps: int, device: str) -> tuple[list[float], list[float]]:
+    """The course's Unit 1 loop as the course writes it; returns the seconds of each step (data included) and of
+    each step's data part (the DataLoader's next batch: decode, resize, flip, to tensor, normalise, collate).
 
     torchvision is not a ddpmkit dependency: Resize, RandomHorizontalFlip, ToTensor and Normalize are the same
     PIL and tensor operations torchvision runs on a PIL image, per item, in the DataLoader.
@@ -325,11 +351,12 @@ def course_loop(folder: str, preset: str, batch: int, steps: int, device: str) -
     model = build_unet(preset, 32).to(device)
     noise_scheduler = new_noise_scheduler()
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4)
-    losses, times = [], []
+    losses, times, data_times = [], [], []
     sync(device)
     start = time.perf_counter()
     while len(times) < steps:
         for batch_ in train_dataloader:
+            data_times.append(time.perf_counter() - start)  # decoding and transforms of this batch
             clean_images = batch_["images"].to(device)
             noise = torch.randn(clean_images.shape).to(clean_images.device)
             bs = clean_images.shape[0]
@@ -348,7 +375,7 @@ def course_loop(folder: str, preset: str, batch: int, steps: int, device: str) -
             start = now
             if len(times) >= steps:
                 break
-    return times
+    return times, data_times
 
 
 def ddpmkit_loop(dataset: str, preset: str, batch: int, steps: int, device: str, work: Path, cache: Path) -> list[float]:
@@ -381,15 +408,20 @@ def vs_course(source: str, folder: str, preset: str, batch: int, repeats: int, s
     start = time.perf_counter()
     load_image_data(folder if source != "emoji" else "emoji", 32, cache_dir=str(cache))  # the one-time decode
     decode_s = time.perf_counter() - start
-    ratios, ours_rate, course_rate = [], [], []
+    ratios, ours_rate, course_rate, data_share = [], [], [], []
     for _ in range(repeats):
-        course = course_loop(folder, preset, batch, steps + 1, device)[1:]
+        course, data = course_loop(folder, preset, batch, steps + 1, device)
+        course, data = course[1:], data[1:]
         ours = ddpmkit_loop(source if source == "emoji" else folder, preset, batch, steps + 1, device, work, cache)
         course_rate.append(batch * len(course) / sum(course))
         ours_rate.append(batch * len(ours) / sum(ours))
         ratios.append(ours_rate[-1] / course_rate[-1])
+        data_share.append(sum(data) / sum(course))
+    # with the same model step, skipping all of the course's data work gains at most 1 / (1 - share)
     return {"source": source, "preset": preset, "batch": batch, "steps_timed": steps, "ratio": summary(ratios),
             "ddpmkit_images_per_s": summary(ours_rate, 1), "course_images_per_s": summary(course_rate, 1),
+            "course_data_share": summary(data_share),
+            "bound_without_course_data": summary([1 / (1 - d) for d in data_share]),
             "ddpmkit_decode_once_seconds": round(decode_s, 1)}
 
 
@@ -466,8 +498,13 @@ def write_report(result: dict, out: Path) -> None:
     if result.get("bf16_model_efficiency"):
         lines.append(f"| model efficiency, bf16 | | not measured | | | {result['bf16_model_efficiency']} |")
     for e in result.get("switches", []):
-        lines.append(f"| {e['switch']} / contiguous (bare step) | {e['preset']} batch {e['batch']} | {r(e['ratio'])} "
-                     "| | | |")
+        switch = e.get("switch", "channels_last")
+        what = {"channels_last": "channels_last / contiguous (bare step)",
+                "compile": "torch.compile / eager (bare step)",
+                "threads": "all cores / {} torch thread(s) (bare step)".format(e.get("threads", ["?"])[0])}[switch]
+        note = (f"compiled once in {e['compile_seconds']} s" if switch == "compile" else
+                f"{e['threads'][1]} threads" if switch == "threads" else "")
+        lines.append(f"| {what} | {e['preset']} batch {e['batch']} | {r(e['ratio'])} | | | {note} |")
     fastest_target = TARGETS["sampling_fastest_native" if m["native_bf16"] else "sampling_fastest_cpu"]
     for e in result.get("sampling", []):
         for name, pipe in (("ddpm", "DDPMPipeline"), ("ddim", "DDIMPipeline")):
@@ -485,7 +522,10 @@ def write_report(result: dict, out: Path) -> None:
                      f"{r(e['ratio'])} | {'>= ' + str(shown) if shown else ''} | "
                      f"{met(e['ratio']['median'], shown) if shown else ''} | ddpmkit "
                      f"{e['ddpmkit_images_per_s']['median']} img/s, course {e['course_images_per_s']['median']} img/s;"
-                     f" one-time decode {e['ddpmkit_decode_once_seconds']} s |")
+                     f" one-time decode {e['ddpmkit_decode_once_seconds']} s"
+                     + (f"; the course's data part is {r(e['course_data_share'])} of its step, so skipping it all "
+                        f"bounds the ratio at {r(e['bound_without_course_data'])} with the same model step"
+                        if "course_data_share" in e else "") + " |")
     if result.get("bf16_training"):
         e = result["bf16_training"]
         lines.append(f"| bf16 autocast step / fp32 step (speed) | tiny batch {e['batch']} | {r(e['ratio'])} | | | "
@@ -496,6 +536,8 @@ def write_report(result: dict, out: Path) -> None:
         lines += ["", "Top operators of one course32 bare step at batch 16 (torch.profiler, self time):", "",
                   "| operator | share | calls | ms |", "|---|---|---|---|"]
         lines += [f"| `{e['op']}` | {e['share']:.1%} | {e['calls']} | {e['ms']} |" for e in result["profile_course32"]]
+    if result.get("part_seconds"):
+        lines += ["", "Seconds per part: " + "; ".join(f"{k} {v}" for k, v in result["part_seconds"].items()) + "."]
     if m["device"] == "cpu":
         lines += ["", "GPU figures: not measured (no GPU in this run)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -516,7 +558,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="2 repeats, tiny only, fewer steps: a smoke run")
     parser.add_argument("--only", default=None, help="comma-separated parts: loop,switches,sampling,course,bf16,memory")
-    parser.add_argument("--full", action="store_true", help="also course32 against the course's loop (slow on a CPU)")
+    parser.add_argument("--full", action="store_true", help="also course32 against the course's loop and "
+                        "torch.compile's gain on the training step (each minutes on a CPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -541,7 +584,10 @@ def main(argv=None) -> int:
         result = {**earlier, **result, "seconds": earlier.get("seconds", 0),
                   "reruns": earlier.get("reruns", []) + [f"{args.only} at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]}
 
+    timeline = []  # (part, start): the seconds each part took go into the results
+
     def log(msg):
+        timeline.append((msg, time.perf_counter()))
         print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)
 
     if "loop" in parts:
@@ -560,6 +606,10 @@ def main(argv=None) -> int:
         # course32 at batch 16 here: 4x cheaper, and the switch acts per image
         result["switches"] = [switch_gain(p, args.batch_size if p == "tiny" else 16, repeats, args.device)
                               for p in presets]
+        if (os.cpu_count() or 1) > args.threads and not gpu:
+            result["switches"].append(switch_gain("tiny", args.batch_size, repeats, args.device, "threads"))
+        if args.full:  # minutes of compiling on a CPU
+            result["switches"].append(switch_gain("tiny", args.batch_size, repeats, args.device, "compile"))
         if not args.quick:
             result["profile_course32"] = profile_top("course32", 16, args.device)
     if "sampling" in parts:
@@ -595,6 +645,9 @@ def main(argv=None) -> int:
             "sampling 64 images course32 (ddpmkit, auto, measured choice read from the cache)":
                 peak_memory("sample_auto", args.device, args.threads, work),
         }
+    ends = [start for _, start in timeline[1:]] + [time.perf_counter()]
+    result["part_seconds"] = {**(result.get("part_seconds", {}) if args.only else {}),
+                              **{msg: round(end - start) for (msg, start), end in zip(timeline, ends)}}
     result["seconds"] = round(time.perf_counter() - started + (result.get("seconds", 0) if args.only else 0), 1)
     write_report(result, out)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -191,3 +192,80 @@ def test_a_second_training_in_the_same_process_may_use_another_precision(tmp_pat
     config = ddpmkit.TrainConfig(dataset=str(image_folder), preset="micro", image_size=8, batch_size=4, max_steps=1,
                                  device="cpu", output_dir=str(tmp_path / "run"))
     assert Trainer(config.validate()).accelerator.mixed_precision == "no"
+
+
+def test_the_loss_is_read_from_the_device_once_per_log_every_steps_and_every_step_is_still_logged(
+        tmp_path, image_folder, monkeypatch):
+    """No host synchronisation inside a training step (on a GPU it stalls the queue every step): the losses stay on
+    the device and are read in one transfer every --log_every steps and at the last one; loss.jsonl has each step."""
+    from ddpmkit.trainer import Trainer
+
+    config = ddpmkit.TrainConfig(dataset=str(image_folder), preset="micro", image_size=8, batch_size=4, max_steps=25,
+                                 log_every=10, device="cpu", output_dir=str(tmp_path / "run"), num_sample_images=1,
+                                 sample_steps=1)
+    trainer = Trainer(config.validate())
+    reads, syncs, in_step = [], [], [False]
+    read, run_step = trainer._read_losses, trainer.run_step
+
+    def counted_read():
+        reads.append(trainer.global_step)
+        return read()
+
+    def marked_step(batch):
+        in_step[0] = True
+        try:
+            return run_step(batch)
+        finally:
+            in_step[0] = False
+
+    for name in ("item", "tolist", "__bool__", "__float__", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code  # the trainer's own reads: torch's AdamW reads its CPU step counter
+            if in_step[0] and "ddpmkit" in caller.co_filename and "tests" not in caller.co_filename:
+                syncs.append(f"{_name} in {caller.co_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    trainer._read_losses, trainer.run_step = counted_read, marked_step
+    trainer.run()
+    monkeypatch.undo()
+    assert reads == [10, 20, 25]
+    assert syncs == [], f"a training step read a value back to the host: {sorted(set(syncs))}"
+    records = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 26))
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in records)
+    with pytest.raises(UserError, match="--log_every"):
+        ddpmkit.TrainConfig(log_every=0).validate()
+
+
+def test_compile_runs_full_batches_compiled_and_a_shorter_last_batch_eagerly(tmp_path, image_folder, monkeypatch):
+    """--compile: torch.compile (replaced here: a real CPU compile takes minutes; benchmarks/speed.py measures it)
+    wraps the training forward only; an epoch's shorter last batch runs on the same weights eagerly; the saved
+    pipeline is the plain UNet."""
+    from ddpmkit.trainer import Trainer
+
+    calls = []
+
+    def fake_compile(module, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(args[0].shape[0])
+            return module(*args, **kw)
+
+        assert kwargs.get("dynamic") is False
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    n = len(list(image_folder.iterdir()))
+    config = ddpmkit.TrainConfig(dataset=str(image_folder), preset="micro", image_size=8, batch_size=n - 1,
+                                 max_steps=2, compile=True, device="cpu", output_dir=str(tmp_path / "run"),
+                                 num_sample_images=1, sample_steps=1)
+    out = Trainer(config.validate()).run()
+    assert calls == [n - 1], "the full batch compiled, the 1-image last batch eager"
+    assert DDPMPipeline.from_pretrained(out).unet.config.sample_size == 8
+
+    monkeypatch.setattr("ddpmkit.config._cxx_compiler", lambda: None)
+    monkeypatch.setattr("ddpmkit.config.torch_cuda_available", lambda: False)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        ddpmkit.TrainConfig(compile=True, device="cpu").validate()

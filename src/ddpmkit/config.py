@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class TrainConfig:
     mixed_precision: str = opt("no", "no, bf16 or fp16 (fp16 needs a GPU); bf16 on a CPU without native bf16 "
                                "(no avx512_bf16/AMX) falls back to fp32 with a warning: it is slower there",
                                choices=MIXED_PRECISION)
+    compile: bool = opt(False, "torch.compile the UNet for training: a one-time compile of minutes on a CPU (a C++ "
+                        "compiler is needed), then faster steps (docs/performance.md has the measured gain)")
     channels_last: bool = opt(False, "channels-last memory format for the UNet's weights and activations "
                               "(docs/performance.md: measured on a CPU it does not speed up training)")
     device: str = opt("auto", "auto (GPU when there is one), cpu or cuda; several GPUs: use accelerate launch / torchrun",
@@ -97,6 +100,9 @@ class TrainConfig:
     # --- output ---
     output_dir: str = opt("runs/ddpm", "run folder: the final pipeline, logs, sample grids and checkpoints")
     model_save_name: str | None = opt(None, "save the pipeline in output_dir/model_save_name instead of output_dir itself")
+    log_every: int = opt(10, "read the loss from the device every N steps (one host synchronisation per N steps, "
+                         "not per step; loss.jsonl still gets every step; a stop signal waits for the next read "
+                         "with several processes)")
     log_samples_every: int = opt(0, "write a grid of samples every N steps (0: only at the end)")
     save_model_every: int = opt(0, "save a loadable pipeline every N steps at {pipeline dir}/step_N (0: off)")
     checkpointing_steps: int = opt(0, "save the full training state every N steps to output_dir/checkpoints (0: off)")
@@ -114,7 +120,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check values a user can get wrong; raise UserError with what to do."""
         positive = ("image_size", "batch_size", "grad_accumulation_steps", "num_train_timesteps", "num_sample_images",
-                    "sample_steps", "checkpoints_total_limit")
+                    "sample_steps", "checkpoints_total_limit", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
@@ -125,6 +131,9 @@ class TrainConfig:
         for name in ("log_samples_every", "save_model_every", "checkpointing_steps", "lr_warmup_steps", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be 0 or more (got {getattr(self, name)})")
+        if self.compile and self.device != "cuda" and not torch_cuda_available() and not _cxx_compiler():
+            raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++): install one "
+                            "(apt-get install g++) or leave --compile off")
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         if self.cache_max_gb is not None and not self.cache_max_gb > 0:
@@ -163,3 +172,17 @@ def make_config(cls, overrides: dict) -> Any:
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}")
     return cls(**overrides)
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call (CXX, else c++, g++ or clang++ on PATH)."""
+    import shutil
+
+    return next((found for name in (os.environ.get("CXX"), "c++", "g++", "clang++") if name
+                 and (found := shutil.which(name))), None)

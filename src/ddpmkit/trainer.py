@@ -87,6 +87,7 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped so far (--skip_nonfinite)
         self.stop_signal = 0  # set by SIGINT / SIGTERM: save a checkpoint after this step and stop
         self.last_checkpoint = None
+        self.compiled = None  # the torch.compile'd UNet for training steps (--compile)
 
     # ------------------------------------------------------------------ set up
     def _make_accelerator(self):
@@ -191,6 +192,9 @@ class Trainer:
         if c.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.unet, optimizer = acc.prepare(self.unet, optimizer)
+        if c.compile:  # the training forward only: saving and sampling use the module as it is
+            logger.info("--compile: the first step compiles the UNet (minutes on a CPU); the steps after are faster")
+            self.compiled = torch.compile(self.unet, dynamic=False)
         self.batches = ShuffledBatches(self.data, c.batch_size, self.seed, c.random_flip, acc.device, acc.process_index,
                                        acc.num_processes)
         self.total_steps = self._total_steps(len(self.batches))
@@ -215,7 +219,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not bars_enabled(acc.is_local_main_process),
                    desc="training", dynamic_ncols=True)
         started, images_seen = time.perf_counter(), 0
-        self.micro_losses, self.skipping = [], False
+        self.micro_losses, self.skipping, self.pending = [], False, []
         batches = iter(self.batches)
         with self._stop_on_signals(), bar:
             while self.global_step < self.total_steps:
@@ -225,17 +229,13 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
-                loss, stop = self._read_step()
-                rate = images_seen / max(time.perf_counter() - started, 1e-9)
                 self.train_s = self.train_s_before + time.perf_counter() - started
-                if math.isfinite(loss):
-                    self.log_step(loss, self.batches.epoch, rate)
-                elif self.skipping:
-                    self._log_skipped(loss)
-                else:
-                    raise self._diverged(loss)
+                self._record_step(images_seen / max(time.perf_counter() - started, 1e-9))
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+                stop = 0
+                if self._read_due():  # the only host synchronisation of a step, once per --log_every steps
+                    loss, stop = self._read_losses()
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.pending_rate:.0f}")
                 self._periodic()
                 if stop and self.global_step < self.total_steps:
                     bar.close()
@@ -280,8 +280,10 @@ class Trainer:
             # the null class, for classifier-free guidance; also for images without a label (-1)
             labels[drop | (labels < 0)] = self.unet_config.num_class_embeds - 1
             kwargs["class_labels"] = labels
+        # a shorter last batch of an epoch runs eagerly: the same weights, and no second compile for its shape
+        unet = self.compiled if self.compiled is not None and bs == self.batches.batch_size else self.unet
         with self.accelerator.autocast():
-            model_output = self.unet(noisy_images, timesteps, return_dict=False, **kwargs)[0]
+            model_output = unet(noisy_images, timesteps, return_dict=False, **kwargs)[0]
         target = self._target(clean_images, noise, timesteps)
         if self.config.snr_gamma is None:
             loss = F.mse_loss(model_output.float(), target.float())
@@ -299,36 +301,62 @@ class Trainer:
 
         return int(broadcast_object_list([int.from_bytes(os.urandom(8), "little") >> 1])[0])
 
-    def _read_step(self) -> tuple[float, int]:
-        """The step's loss (mean over micro-batches and processes) and the stop signal any process got (0: none).
-
-        One gather for both, so that every process stops after the same step.
-        """
-        acc, losses = self.accelerator, torch.stack(self.micro_losses).float()
+    def _record_step(self, images_per_s: float) -> None:
+        """Keep this step's loss on the device (mean over its micro-batches) until the next read."""
+        loss = torch.stack(self.micro_losses).float().mean()
         self.micro_losses = []
+        self.pending_rate = images_per_s
+        self.pending.append({"step": self.global_step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                             "epoch": self.batches.epoch, "images_per_s": images_per_s, "train_s": self.train_s,
+                             "skipped": self.skipping})
+
+    def _read_due(self) -> bool:
+        """Read the losses every --log_every steps, at the last step, before anything is saved or sampled (a
+        diverged model is never saved), and at a stop signal (one process: it acts after this step)."""
+        c, step = self.config, self.global_step
+        periodic = any(every and step % every == 0 for every in
+                       (c.save_model_every, c.log_samples_every, c.checkpointing_steps))
+        return (step % c.log_every == 0 or step >= self.total_steps or periodic
+                or (self.stop_signal and self.accelerator.num_processes == 1))
+
+    def _read_losses(self) -> tuple[float, int]:
+        """The pending steps' losses (each the mean over micro-batches and processes), in one transfer, written
+        to loss.jsonl; the last one, and the stop signal any process got (0: none), shared in the same gather so
+        that every process stops after the same step. A non-finite loss raises, unless --skip_nonfinite skipped it."""
+        acc, pending, self.pending = self.accelerator, self.pending, []
+        losses = torch.stack([record.pop("loss") for record in pending])
         if acc.num_processes == 1:
-            return losses.mean().item(), self.stop_signal
-        flag = torch.tensor([float(self.stop_signal)], device=acc.device)
-        values = acc.gather(torch.cat([losses, flag])).view(acc.num_processes, -1).cpu()
-        return values[:, :-1].mean().item(), int(values[:, -1].max().item())
+            values, stop = losses.tolist(), self.stop_signal
+        else:
+            flag = torch.tensor([float(self.stop_signal)], device=acc.device)
+            gathered = acc.gather(torch.cat([losses, flag])).view(acc.num_processes, -1).cpu()
+            values, stop = gathered[:, :-1].mean(dim=0).tolist(), int(gathered[:, -1].max().item())
+        for record, loss in zip(pending, values):
+            if math.isfinite(loss):
+                self.log_step(record, loss)
+            elif record["skipped"]:
+                self._log_skipped(record, loss)
+            else:
+                raise self._diverged(loss, record["step"])
+        return values[-1], stop
 
     def _all_finite(self) -> bool:
         """Whether every micro-batch loss of this step is finite on every process (--skip_nonfinite)."""
         bad = (~torch.isfinite(torch.stack(self.micro_losses))).any().float().view(1)
         return not self.accelerator.gather(bad).max().item()
 
-    def _log_skipped(self, loss: float) -> None:
+    def _log_skipped(self, record: dict, loss: float) -> None:
         self.skipped_steps += 1
         if self.skipped_steps > self.config.skip_nonfinite:
-            raise self._diverged(loss)
+            raise self._diverged(loss, record["step"])
         logger.warning("step %d: the loss is %s; skipped it, weights unchanged (%d of --skip_nonfinite %d)",
-                       self.global_step, loss, self.skipped_steps, self.config.skip_nonfinite)
+                       record["step"], loss, self.skipped_steps, self.config.skip_nonfinite)
         if self.accelerator.is_main_process:
             with self.loss_log.open("a") as f:
-                f.write(json.dumps({"step": self.global_step, "loss": None, "skipped": str(loss),
-                                    "epoch": self.batches.epoch}) + "\n")
+                f.write(json.dumps({"step": record["step"], "loss": None, "skipped": str(loss),
+                                    "epoch": record["epoch"]}) + "\n")
 
-    def _diverged(self, loss: float) -> UserError:
+    def _diverged(self, loss: float, step: int) -> UserError:
         c = self.config
         kept = (f"the last good checkpoint, {self.last_checkpoint}, is intact: resume from it with "
                 "--resume_from_checkpoint latest and a lower --lr") if self.last_checkpoint else \
@@ -337,7 +365,7 @@ class Trainer:
             what = f"after {self.skipped_steps - 1} skipped step(s), the most --skip_nonfinite {c.skip_nonfinite} allows"
         else:
             what = "lower --lr, or skip up to N such steps with --skip_nonfinite N"
-        return UserError(f"the loss became {loss} at step {self.global_step} ({what}); nothing was saved from this "
+        return UserError(f"the loss became {loss} at step {step} ({what}); nothing was saved from this "
                          f"step; {kept}")
 
     @contextlib.contextmanager
@@ -397,14 +425,15 @@ class Trainer:
         return clipped / snr
 
     # ------------------------------------------------------------------ logging and saving
-    def log_step(self, loss: float, epoch: int, images_per_s: float) -> None:
-        lr = self.lr_scheduler.get_last_lr()[0]
-        self.accelerator.log({"loss": loss, "lr": lr, "epoch": epoch}, step=self.global_step)
+    def log_step(self, record: dict, loss: float) -> None:
+        """One step's line in loss.jsonl (and the trackers), written when its loss is read."""
+        step, lr, epoch = record["step"], record["lr"], record["epoch"]
+        self.accelerator.log({"loss": loss, "lr": lr, "epoch": epoch}, step=step)
         if self.accelerator.is_main_process:
             with self.loss_log.open("a") as f:
-                f.write(json.dumps({"step": self.global_step, "loss": loss, "lr": lr, "epoch": epoch,
-                                    "images_per_s": round(images_per_s, 2),
-                                    "train_s": round(self.train_s, 1)}) + "\n")
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "epoch": epoch,
+                                    "images_per_s": round(record["images_per_s"], 2),
+                                    "train_s": round(record["train_s"], 1)}) + "\n")
 
     def _periodic(self) -> None:
         c, step = self.config, self.global_step
