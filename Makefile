@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-demo test-fast chromium ui-screenshot bench speed samplers-table quality-table clean
+.PHONY: install demo test test-demo test-fast chromium ui-screenshot bench speed guidance-cost bench-all samplers-table quality-table clean
 
 install: $(STAMP)
 
@@ -45,13 +45,14 @@ ui-screenshot: $(STAMP) chromium
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not demo" $(PYTEST_ARGS)
 
-bench: $(STAMP)
+# Issue 9's speed benchmark (about 15 minutes on 2 cores): benchmarks/results/speed.{md,json}
+bench speed: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
-	$(BIN)/python benchmarks/guidance_cost.py
-	$(BIN)/python benchmarks/samplers_table.py
 
-speed: $(STAMP)
-	$(BIN)/python benchmarks/speed.py
+guidance-cost: $(STAMP)
+	$(BIN)/python benchmarks/guidance_cost.py
+
+bench-all: bench guidance-cost samplers-table
 
 samplers-table: $(STAMP)
 	$(BIN)/python benchmarks/samplers_table.py

@@ -269,3 +269,23 @@ def test_compile_runs_full_batches_compiled_and_a_shorter_last_batch_eagerly(tmp
     monkeypatch.setattr("ddpmkit.config.torch_cuda_available", lambda: False)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
         ddpmkit.TrainConfig(compile=True, device="cpu").validate()
+
+
+def test_the_tuners_probe_is_a_sampling_call_with_its_casts(monkeypatch):
+    """What the tuner times is what `model_fn` runs: a float32 x cast to the dtype and format, the forward, the
+    output cast back to float32 (on a GPU the casts alone turned a measured bf16 gain into a loss for a small model)."""
+    unet = make_micro_unet()
+    seen = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.dtype, args[0] if args else kwargs.get("dtype")))
+        return original(self, *args, **kwargs)
+
+    run = tuning._forward(unet, torch.bfloat16, True, 2, {})
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    out = run()
+    monkeypatch.undo()
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 8, 8)
+    assert (torch.float32, torch.bfloat16) in seen and (torch.bfloat16, torch.float32) in seen
+    assert next(unet.parameters()).dtype == torch.float32, "the probe runs on a copy"
