@@ -554,7 +554,7 @@ PART_GROUPS = ("loop,switches,course", "sampling,bf16,memory")
 
 
 def run_in_parallel(args, argv: list[str], jobs: int) -> int:
-    """The parts in `jobs` child processes at once (PART_GROUPS), their results merged into one report."""
+    """The parts in two child processes at once (PART_GROUPS), their results merged into one report."""
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("speed_quick" if args.quick else "speed"))
     work = Path(tempfile.mkdtemp(prefix="ddpmkit-speed-jobs-"))
     wanted = set((args.only or ",".join(PART_GROUPS)).split(","))
@@ -608,9 +608,10 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="also course32 against the course's loop and "
                         "torch.compile's gain on the training step (each minutes on a CPU)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--jobs", type=int, default=None, help="run the parts in this many processes at once, one "
-                        "core each (default: 2 on a CPU with 2+ cores, else 1): each ratio is still measured inside "
-                        "one process with both sides interleaved, so both sides share the other process's load")
+    parser.add_argument("--jobs", type=int, default=None, help="1: every part in this process; 2 or more: the "
+                        "parts in two processes at once, one core each (default: 2 on a CPU with 2+ cores, else 1); "
+                        "each ratio is still measured inside one process with both sides interleaved, so both sides "
+                        "share the other process's load")
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
     jobs = args.jobs or (2 if not gpu and not args.only and (os.cpu_count() or 1) >= 2 * args.threads else 1)
