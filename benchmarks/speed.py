@@ -223,6 +223,7 @@ def switch_gain(preset: str, batch: int, repeats: int, device: str, switch: str 
     channels_last: the memory format; compile: torch.compile (its one-time compile timed apart); threads: all
     cores over the benchmark's thread count (what a user's default gets over this benchmark's setting)."""
     plain = bare_step(preset, batch, device)
+    plain()
     threads = torch.get_num_threads()
     start = time.perf_counter()
     other = bare_step(preset, batch, device, channels_last=switch == "channels_last", compiled=switch == "compile")
@@ -237,9 +238,8 @@ def switch_gain(preset: str, batch: int, repeats: int, device: str, switch: str 
                 torch.set_num_threads(threads)
 
         other = other_step
-    plain()
     other()
-    first_s = time.perf_counter() - start
+    first_s = time.perf_counter() - start  # building and the first step: for compile, the compile
     ratios = [timed(plain, device) / timed(other, device) for _ in range(repeats)]
     entry = {"preset": preset, "batch": batch, "switch": switch, "ratio": summary(ratios)}
     if switch == "compile":
@@ -575,7 +575,7 @@ def run_in_parallel(args, argv: list[str], jobs: int) -> int:
         print(f"speed.py: a part failed: {failed}", file=sys.stderr)
         return 1
     result: dict = {}
-    for i, group in enumerate(groups):
+    for i in range(len(groups)):
         part = json.loads((work / f"part{i}.json").read_text())
         result = {**result, **part, "part_seconds": {**result.get("part_seconds", {}), **part.get("part_seconds", {})}}
     result.pop("reruns", None)

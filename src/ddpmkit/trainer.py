@@ -230,12 +230,13 @@ class Trainer:
                     continue
                 self.global_step += 1
                 self.train_s = self.train_s_before + time.perf_counter() - started
-                self._record_step(images_seen / max(time.perf_counter() - started, 1e-9))
+                rate = images_seen / max(time.perf_counter() - started, 1e-9)
+                self._record_step(rate)
                 bar.update(1)
                 stop = 0
                 if self._read_due():  # the only host synchronisation of a step, once per --log_every steps
                     loss, stop = self._read_losses()
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.pending_rate:.0f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
                 self._periodic()
                 if stop and self.global_step < self.total_steps:
                     bar.close()
@@ -305,7 +306,6 @@ class Trainer:
         """Keep this step's loss on the device (mean over its micro-batches) until the next read."""
         loss = torch.stack(self.micro_losses).float().mean()
         self.micro_losses = []
-        self.pending_rate = images_per_s
         self.pending.append({"step": self.global_step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
                              "epoch": self.batches.epoch, "images_per_s": images_per_s, "train_s": self.train_s,
                              "skipped": self.skipping})
