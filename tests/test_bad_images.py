@@ -155,7 +155,7 @@ def test_bombs_are_refused_with_the_reason(corpus):
 def test_training_on_the_corpus_goes_on(corpus, forked_cli, tmp_path):
     """The bug as a new user found it: one decompression bomb among good images ended training with exit 1."""
     code, stderr = forked_cli.run("-q", "train", "--dataset", corpus.folder, "--preset", "micro", "--image_size", 8,
-                                  "--max_steps", 1, "--batch_size", 4, "--device", "cpu", "--num_sample_images", 2,
+                                  "--max_steps", 1, "--batch_size", 4, "--num_sample_images", 2,
                                   "--sample_steps", 1, "--output_dir", tmp_path / "run")
     assert code == 0, stderr
     lines = stderr.splitlines()

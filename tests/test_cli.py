@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
 # a run small enough for a few seconds: micro UNet, 8x8, 2 steps, a 4-image 2-step sample grid
-TINY_RUN = ["--image_size", "8", "--max_steps", "2", "--batch_size", "4", "--device", "cpu",
+TINY_RUN = ["--image_size", "8", "--max_steps", "2", "--batch_size", "4",
             "--num_sample_images", "4", "--sample_steps", "2"]
 
 
@@ -50,7 +50,7 @@ def test_train_then_sample_end_to_end(workdir):
     # the flag names of diffusers' train_unconditional.py, as aliases
     result = ddpmkit_cmd("train", "--dataset_name", workdir / "images", "--resolution", 8, "--train_batch_size", 2,
                          "--learning_rate", 1e-3, "--gradient_accumulation_steps", 2, "--unet_config",
-                         workdir / "micro.json", "--max_steps", 2, "--device", "cpu", "--num_sample_images", 4,
+                         workdir / "micro.json", "--max_steps", 2, "--num_sample_images", 4,
                          "--sample_steps", 2, "--output_dir", run)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -114,7 +114,7 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
     train = ["train", "--dataset", w / "images", "--unet_config", w / "micro.json", *TINY_RUN,
              "--output_dir", w / "err_run"]
     finetune = ["finetune", "--start_model", w / "plain", "--dataset", w / "images", "--image_size", 8, "--max_steps",
-                1, "--device", "cpu", "--output_dir", w / "err_ft"]
+                1, "--output_dir", w / "err_ft"]
 
     def with_(*extra):
         return [*train, *extra]

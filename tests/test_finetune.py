@@ -150,7 +150,7 @@ def test_train_init_from_and_finetune_start_model_are_one_code_path(tmp_path):
     base = save_plain_pipeline(tmp_path / "base")
     images = write_uniform_images(tmp_path / "flat", n=4)
     common = ["--dataset", str(images), "--image_size", "8", "--batch_size", "2", "--max_steps", "2",
-              "--num_sample_images", "1", "--sample_steps", "1", "--device", "cpu"]
+              "--num_sample_images", "1", "--sample_steps", "1"]
     train_args = ["train", "--init_from", str(base), "--output_dir", str(tmp_path / "a"), *common]
     finetune_args = ["finetune", "--start_model", str(base), "--output_dir", str(tmp_path / "b"), *common]
     parser = build_parser()
@@ -191,7 +191,7 @@ def test_course_command_parses_with_the_course_values():
     assert (config.log_samples_every, config.save_model_every, config.model_save_name) == (100, 1000, "vintageface")
     assert config.lr is None and config.sample_scheduler == "ddim" and config.sample_steps == 40
     more = build_parser().parse_args(COURSE_COMMAND + [
-        "--wandb_project", "dm_finetune", "--lr", "2e-5", "--device", "cpu", "--seed", "3", "--use_ema",
+        "--wandb_project", "dm_finetune", "--lr", "2e-5", "--seed", "3", "--use_ema",
         "--mixed_precision", "bf16", "--output_dir", "runs/vintage"])
     config = config_from_args(TrainConfig, more).validate()
     assert (config.wandb_project, config.lr, config.device, config.seed) == ("dm_finetune", 2e-5, "cpu", 3)

@@ -26,7 +26,7 @@ def _command(root: Path, run: Path, *extra) -> list[str]:
     # --standalone: a free local rendezvous port, so two test runs on one machine do not collide on 29500
     return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "ddpmkit", "train",
             "--dataset", str(root / "images"), "--image_size", "8", "--unet_config", str(root / "micro.json"),
-            "--max_steps", "12", "--checkpointing_steps", "3", "--batch_size", "2", "--device", "cpu",
+            "--max_steps", "12", "--checkpointing_steps", "3", "--batch_size", "2",
             "--num_sample_images", "4", "--sample_steps", "2", "--output_dir", str(run), *extra]
 
 
@@ -125,3 +125,35 @@ def test_torchrun_killed_and_resumed_gives_the_uninterrupted_weights(root, unint
     assert _steps(run) == list(range(1, 13)), "each step once in loss.jsonl"
     losses = [json.loads(line)["loss"] for line in (run / "loss.jsonl").read_text().splitlines()]
     assert losses == [json.loads(line)["loss"] for line in (reference / "loss.jsonl").read_text().splitlines()]
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's own line that starts with `prefix` (inside its code blocks), split as a shell would."""
+    import shlex
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    lines = [line for line in readme.read_text().splitlines() if line.startswith(prefix)]
+    assert lines, f"the README has no line starting with {prefix!r}"
+    return shlex.split(lines[0].split("#")[0])
+
+
+@pytest.mark.slow
+def test_the_readmes_torchrun_line_trains_as_two_processes_on_a_cpu(tmp_path):
+    """The README's multi-process line as written (no --device cpu), with fewer steps and its own output folder: both
+    processes share one run (gloo on the CPU), one pipeline is saved, exit 0. Before the fix each worker trained alone
+    and the two collided while saving."""
+    command = _readme_command("torchrun --nproc_per_node 2 -m ddpmkit train")
+    assert "--device" not in command
+    command[command.index("--max_steps") + 1] = "3"
+    command[command.index("--output_dir") + 1] = str(tmp_path / "ddp")
+    command[0] = str(TORCHRUN)
+    command.insert(1, "--standalone")  # a free rendezvous port (the README's default port may be taken by another test)
+    env = {**ENV, "DDPMKIT_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr and "1 process(es)" not in result.stderr, result.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert [p.relative_to(run) for p in run.rglob("model_index.json")] == [Path("model_index.json")]
+    state = json.loads((run / "train_state.json").read_text())
+    assert state["num_processes"] == 2 and state["global_step"] == 3
+    assert state["weights_checksum_per_process"][0] == state["weights_checksum_per_process"][1]

@@ -5,6 +5,7 @@ uninterrupted run's weights bit for bit and each step once in loss.jsonl. Also: 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -27,7 +28,7 @@ def _train_args(images: Path, out: Path, *extra) -> list[str]:
     return ["train", "--dataset", images, "--class_column", "label", "--preset", "micro", "--image_size", 8,
             "--batch_size", 4, "--grad_accumulation_steps", 2, "--use_ema", "--lr", 2e-3, "--lr_scheduler", "cosine",
             "--lr_warmup_steps", 3, "--max_steps", 24, "--checkpointing_steps", 4, "--checkpoints_total_limit", 2,
-            "--device", "cpu", "--num_sample_images", 2, "--sample_steps", 2, "--seed", 7, "--output_dir", out, *extra]
+            "--num_sample_images", 2, "--sample_steps", 2, "--seed", 7, "--output_dir", out, *extra]
 
 
 def _wait_for(condition, cli, pid: int, what: str, timeout: float = 240) -> None:
@@ -185,6 +186,36 @@ def test_full_disk_keeps_the_previous_checkpoint_and_pipeline(images, forked_cli
     assert after == before, "the previous checkpoint and pipeline are byte for byte as they were"
     assert not list(run.rglob(".tmp_*")), "no half-written folder left behind"
     assert isinstance(load_pipeline(run).unet, torch.nn.Module)
+
+
+def test_only_a_full_disk_or_quota_asks_for_disk_space(tmp_path, monkeypatch):
+    """A save that fails for another reason (a folder removed under the run, as two runs writing to one folder did)
+    says what failed and where, in one line, and does not blame the disk; the previous pipeline stays loadable."""
+    import errno
+
+    from ddpmkit import trainer
+    from ddpmkit.trainer import save_error_advice, train
+
+    for code, advice in ((errno.ENOSPC, "free some disk space"), (errno.EDQUOT, "free some disk space"),
+                         (errno.ENOENT, "another run writing to the same --output_dir"),
+                         (errno.EACCES, "make the folder writable")):
+        reason, said = save_error_advice(OSError(code, os.strerror(code), "/runs/x/unet"))
+        assert advice in said and reason == f"{os.strerror(code)}: /runs/x/unet"
+        assert ("disk space" in said) == (code in (errno.ENOSPC, errno.EDQUOT))
+    run = tmp_path / "run"
+    train(_nan_config(tmp_path, max_steps=2, checkpointing_steps=0), data=_random_data())
+    before = (run / WEIGHTS).read_bytes()
+
+    def vanished(staged, folder):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(folder / "unet"))
+
+    monkeypatch.setattr(trainer, "_commit_pipeline", vanished)
+    with pytest.raises(UserError) as err:
+        train(_nan_config(tmp_path, max_steps=4, checkpointing_steps=0), data=_random_data())
+    message = str(err.value)
+    assert "\n" not in message and "disk space" not in message, message
+    assert f"No such file or directory: {run / 'unet'}" in message and "same --output_dir" in message
+    assert (run / WEIGHTS).read_bytes() == before and isinstance(load_pipeline(run).unet, torch.nn.Module)
 
 
 # ----------------------------------------------------------------------------- a loss that is not finite

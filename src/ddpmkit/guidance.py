@@ -27,12 +27,16 @@ import torch.nn.functional as F
 from ddpmkit.data import slug
 from ddpmkit.errors import UserError
 from ddpmkit.sampling import _alpha_bar_and_vp_sample, predicted_x0
+from ddpmkit.schedulers import move_factor
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("shortcut", "full")
 KINDS = ("color", "clip", "image", "custom")
-DEFAULT_SCALES = {"color": 40.0, "clip": 8.0, "image": 20.0, "custom": 1.0}  # per image, at 32x32 and 40 DDIM steps
+DEFAULT_SCALES = {"color": 40.0, "clip": 8.0, "image": 20.0, "custom": 1.0}  # per image, at 32x32
+# A scale is the push of the course's 40 DDIM steps: with N noise levels each step moves x by 40/N of it, so a scale
+# means the same at 15 DEIS steps as at 1000 DDPM steps (docs/guidance.md has the figures per scheduler).
+REFERENCE_STEPS = 40
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's image normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -320,6 +324,8 @@ class LossGuidance:
         # alpha_bar_t, and c with x_vp = c * x: 1 for DDPM-style schedulers, sqrt(alpha_bar) for the Euler family
         alpha_bar, c = (float(v) for v in _alpha_bar_and_vp_sample(scheduler, torch.ones((), device=x.device), t))
         factor = SCHEDULES[self.schedule](alpha_bar)
+        # the scale is the push of 40 DDIM steps, spread over this run's steps (twice that for an SDE sampler)
+        per_step = REFERENCE_STEPS / num_steps * move_factor(scheduler)
         if step_index % self.every or all(g.scale * factor == 0 for g in self.guides):
             with torch.no_grad():
                 return x, predict(x), None
@@ -337,12 +343,12 @@ class LossGuidance:
         x0 = predicted_x0(scheduler, model_output, x_in, t).float()
         terms = [guide.loss(x0) for guide in self.guides]
         total = sum(guide.scale * factor * term for guide, term in zip(self.guides, terms))  # (B,)
-        grad = torch.autograd.grad(total.sum(), x_vp)[0]  # image k's gradient comes from image k's loss only
+        grad = torch.autograd.grad(total.sum() * per_step, x_vp)[0]  # image k's gradient: image k's loss only
         moved = ((x_vp.detach() - grad) / c).to(x.dtype)
         if self.method == "full":
             with torch.no_grad():
                 model_output = predict(moved)
-        record = {"step": step_index, "t": float(t), "scale_factor": factor,
+        record = {"step": step_index, "t": float(t), "scale_factor": factor, "step_weight": per_step,
                   "loss": total.detach().float().cpu().tolist(),
                   "terms": {g.name: term.detach().float().cpu().tolist() for g, term in zip(self.guides, terms)}}
         self._log(record, step_index, num_steps)

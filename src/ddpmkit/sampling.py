@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
-from ddpmkit.schedulers import AUTO, SIGMA_MAX, make_scheduler, resolve, set_timesteps, settings_label, step_kwargs
+from ddpmkit.schedulers import (AUTO, SIGMA_MAX, keeps_sample, make_scheduler, num_levels, prepare_for_moves, resolve,
+                                set_timesteps, settings_label, step_kwargs)
 from ddpmkit.tuning import choose, unet_for_sampling
 
 logger = logging.getLogger(__name__)
@@ -131,15 +132,17 @@ def denoise(unet, scheduler, x: torch.Tensor, generator: torch.Generator | None 
     extra = step_kwargs(scheduler, generator, eta)
     timesteps = scheduler.timesteps
     trajectory, losses = [], []
+    levels, level = num_levels(scheduler), 0  # guidance moves x once per noise level (two-stage samplers: 2 calls)
 
     def predict(sample: torch.Tensor, t) -> torch.Tensor:
         return predict_raw(scheduler.scale_model_input(sample, t), t)
 
     for i, t in enumerate(tqdm(timesteps, disable=not bars_enabled(progress), desc="sampling", leave=False)):
         loss = None
-        if guidance is not None:
+        if guidance is not None and keeps_sample(scheduler):
             with torch.enable_grad():
-                x, model_output, loss = guidance(x, t, i, len(timesteps), lambda s: predict(s, t), scheduler)
+                x, model_output, loss = guidance(x, t, level, levels, lambda s: predict(s, t), scheduler)
+            level += 1
             if loss is not None:
                 losses.append(loss)
         else:
@@ -218,6 +221,8 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
         size = unet.config.sample_size
         shape_hw = (size, size) if isinstance(size, int) else tuple(size)
         set_timesteps(sched, steps, device=device)
+        if guidance is not None and (changed := prepare_for_moves(sched)):
+            logger.info(changed)
         timesteps = [float(t) for t in sched.timesteps]
         from diffusers.utils.torch_utils import randn_tensor
 

@@ -285,6 +285,46 @@ def set_timesteps(scheduler, steps: int, device=None) -> None:
         raise UserError(f"{type(scheduler).__name__} made a negative timestep for {steps} steps: use another --steps")
 
 
+def keeps_sample(scheduler) -> bool:
+    """Whether the next `step()` call continues from the x it is given (so that loss guidance may move it).
+
+    Two-stage samplers (heun, dpm++sde) end a step with a second call that restarts from the x stored by the first;
+    PNDM's second call does the same. A move made before such a call would be thrown away: guidance moves x once
+    per noise level, at the call that keeps it."""
+    if getattr(scheduler, "state_in_first_order", True) is False:
+        return False
+    return not (type(scheduler).__name__ == "PNDMScheduler" and getattr(scheduler, "counter", 0) == 1
+                and len(getattr(scheduler, "ets", [])) == 1)
+
+
+def num_levels(scheduler) -> int:
+    """The noise levels a run visits (its steps): heun's and dpm++sde's two calls per step count once."""
+    return int(getattr(scheduler, "num_inference_steps", None) or len(scheduler.timesteps))
+
+
+# Samplers that add fresh noise at every step (the reverse SDE, not the probability-flow ODE). The SDE's drift holds
+# the score term twice (Song et al. 2021, eq. 6 vs eq. 13), so it pulls a moved x back toward the model's images twice
+# as fast: measured on emoji32, a colour scale at their defaults did half of what it did with the ODE samplers.
+STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverSDEScheduler")
+
+
+def move_factor(scheduler) -> float:
+    """How much a loss-guidance move is scaled so that a scale means the same as with an ODE sampler: 2 for SDE
+    samplers (ddpm, euler_a, dpm++sde), else 1."""
+    return 2.0 if type(scheduler).__name__ in STOCHASTIC else 1.0
+
+
+def prepare_for_moves(scheduler) -> str | None:
+    """Set a scheduler up for loss guidance, which moves x before each step; returns what changed (or None).
+
+    UniPC's corrector recomputes each step's x from the previous step's x, which undoes the move (measured on
+    emoji32: colour guidance had almost no effect): it runs predictor-only (UniP, `disable_corrector`) instead."""
+    if hasattr(scheduler, "disable_corrector") and type(scheduler).__name__ == "UniPCMultistepScheduler":
+        scheduler.disable_corrector = list(range(num_levels(scheduler) + 1))
+        return "unipc: corrector off while loss guidance moves x (it would undo the move)"
+    return None
+
+
 def step_kwargs(scheduler, generator=None, eta: float | None = None) -> dict:
     """Extra `step()` arguments, passed only where `scheduler.step` accepts them (as diffusers' pipelines do)."""
     accepted = set(inspect.signature(scheduler.step).parameters)

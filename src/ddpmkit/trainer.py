@@ -120,7 +120,7 @@ class Trainer:
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=c.grad_accumulation_steps,
-            cpu=c.device == "cpu",
+            cpu=on_cpu,  # also sets up the gloo process group under torchrun when no GPU is visible
             log_with=trackers,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")),
@@ -586,12 +586,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if error is None:
             return
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else \
-            (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         previous = f"the last complete checkpoint, {self.last_checkpoint}," if self.last_checkpoint else \
             "the previous checkpoints"
+        reason, advice = save_error_advice(error)
         raise UserError(f"could not save {what} ({reason}); {previous} and the saved pipelines are intact: "
-                        "free some disk space, then resume with --resume_from_checkpoint latest")
+                        f"{advice}, then resume with --resume_from_checkpoint latest")
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The folder --resume_from_checkpoint names ('latest': the newest complete one), or None to start anew."""
@@ -679,6 +678,29 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- files that are complete or absent
+def save_error_advice(error: Exception) -> tuple[str, str]:
+    """(what went wrong, what to do) for a failed save: only a full disk or quota asks for disk space."""
+    import errno
+
+    if not isinstance(error, OSError) or error.errno is None:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        if "no space" in reason.lower() or "quota" in reason.lower():  # safetensors/torch wrap the OSError's text
+            return reason, "free some disk space"
+        return reason, "fix the cause"
+    where = f": {error.filename}" if error.filename else ""
+    reason = f"{error.strerror or os.strerror(error.errno)}{where}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return reason, "free some disk space"
+    if error.errno == errno.EFBIG:
+        return reason, "raise the file size limit (ulimit -f) or free some disk space"
+    if error.errno == errno.ENOENT:
+        return reason, ("a file or folder disappeared while it was being written (another run writing to the "
+                        "same --output_dir?): give each run its own folder")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return reason, "make the folder writable"
+    return reason, "fix the cause"
+
+
 def check_writable(folder: Path) -> None:
     """Create `folder` and write a file in it, or raise UserError saying what is wrong."""
     try:
