@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-demo test-fast chromium ui-screenshot bench speed guidance-cost bench-all samplers-table quality-table clean
+.PHONY: install demo test test-demo test-long test-fast chromium ui-screenshot bench speed guidance-cost bench-all samplers-table quality-table clean
 
 install: $(STAMP)
 
@@ -24,9 +24,13 @@ demo: $(STAMP)
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
-# The quick `make demo` and its page in headless chromium (a few minutes): CI runs it after `make test`
+# The quick `make demo` and its page in headless chromium (a few minutes)
 test-demo: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m demo tests/test_bundled.py
+
+# What `make test` leaves out for time: the quick demo and checks of several minutes (markers demo, long); CI runs it
+test-long: $(STAMP) chromium
+	$(BIN)/python -m pytest -q --durations=10 -m "demo or long" $(PYTEST_ARGS)
 
 # The browser test (tests/test_ui.py) drives Debian's chromium: installed here as root when missing; otherwise
 # that one test is skipped and says why.
@@ -43,7 +47,7 @@ ui-screenshot: $(STAMP) chromium
 	DDPMKIT_UI_MODEL=emoji32 DDPMKIT_UI_SCREENSHOT=docs/ui.png $(BIN)/python -m pytest -q tests/test_ui.py -k browser
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not demo" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not demo and not long" $(PYTEST_ARGS)
 
 # Issue 9's speed benchmark (about 15 minutes on 2 cores): benchmarks/results/speed.{md,json}
 bench speed: $(STAMP)

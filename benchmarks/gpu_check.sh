@@ -36,7 +36,7 @@ pipe = DDPMPipeline.from_pretrained(f"{out}/bf16").to("cuda")
 pipe.set_progress_bar_config(disable=True)
 ref = pipe(batch_size=8, generator=torch.Generator().manual_seed(0), num_inference_steps=100, output_type="np").images
 res = ddpmkit.sample(pipe, scheduler="ddpm", steps=100, num_images=8, seed=0, progress=False)
-mine = ddpmkit.images.to_uint8(res.images)
+mine = ddpmkit.images.to_uint8_hwc(res.images)
 print("cuda ddpm vs DDPMPipeline max |diff| (uint8):", np.abs((ref * 255).round().astype(int) - mine.astype(int)).max())
 for name in ddpmkit.SCHEDULERS:
     t0 = time.perf_counter()

@@ -81,7 +81,7 @@ def test_train_then_sample_end_to_end(workdir):
     expected = np.asarray(ddpmkit.make_grid(same.images, scale=2))
     assert np.abs(grid.astype(int) - expected.astype(int)).max() <= 1
     individual = np.asarray(Image.open(singles[2]))
-    assert np.abs(individual.astype(int) - ddpmkit.images.to_uint8(same.images)[2].astype(int)).max() <= 1
+    assert np.abs(individual.astype(int) - ddpmkit.images.to_uint8_hwc(same.images)[2].astype(int)).max() <= 1
 
 
 def test_python_dash_m_and_schedule_plots(workdir):

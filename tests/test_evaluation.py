@@ -15,6 +15,7 @@ from conftest import make_micro_unet, save_plain_pipeline, write_images
 from PIL import Image
 
 from ddpmkit import evaluation
+from ddpmkit.images import to_uint8_nchw
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from ddpmkit.evaluation import (EvalResult, FeatureCache, ImageSet, InceptionFeatures, evaluate, fid_from_features,
@@ -129,7 +130,7 @@ def test_identical_sets_give_zero_and_noise_a_monotone_larger_fid(shape_features
     images, features = images[:40], features[:40]
     for sigma in (0.1, 0.2, 0.4):  # Gaussian noise in [-1, 1] units
         noisy = images.float() / 127.5 - 1 + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
-        fids.append(fid_from_features(features, inception(evaluation.to_uint8_images(noisy), progress=False)))
+        fids.append(fid_from_features(features, inception(to_uint8_nchw(noisy), progress=False)))
     assert fids[0] > 5.0, fids  # clearly larger than the ~0 of the identical set
     assert fids[0] < fids[1] < fids[2], fids
 

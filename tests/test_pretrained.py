@@ -16,7 +16,7 @@ from ddpmkit import hub
 from ddpmkit.cli import build_parser, config_from_args, main
 from ddpmkit.config import TrainConfig
 from ddpmkit.errors import UserError
-from ddpmkit.images import to_uint8
+from ddpmkit.images import to_uint8_hwc
 from ddpmkit.models import load_pipeline
 from ddpmkit.sampling import sample
 
@@ -47,7 +47,7 @@ def test_plain_diffusers_folder_loads_and_samples_like_ddpmpipeline(tmp_path, sa
     ours = sample(pipe, scheduler="ddpm", steps=20, num_images=2, seed=0, progress=False)
     reference = DDPMPipeline.from_pretrained(folder)(batch_size=2, num_inference_steps=20, output_type="np",
                                                      generator=torch.Generator("cpu").manual_seed(0)).images
-    np.testing.assert_array_equal(to_uint8(ours.images), (reference * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(to_uint8_hwc(ours.images), (reference * 255).round().astype(np.uint8))
 
 
 def test_ddim_pipeline_folder_loads_with_its_schedule(tmp_path):

@@ -9,7 +9,7 @@ from conftest import save_plain_pipeline
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteScheduler
 
 import ddpmkit
-from ddpmkit.images import to_uint8
+from ddpmkit.images import to_uint8_hwc
 from ddpmkit.sampling import predicted_x0
 from ddpmkit.schedulers import make_scheduler
 
@@ -34,7 +34,7 @@ def test_ddpm_sampling_equals_ddpm_pipeline(pipeline_dir, steps, seed, n):
     ours = ddpmkit.sample(str(pipeline_dir), scheduler="ddpm", steps=steps, seed=seed, num_images=n, progress=False)
     assert ours.images.shape == (n, 3, 8, 8) and ours.nfe == steps
     reference = _pipeline_uint8(pipeline_dir, n, seed, steps)
-    mine = to_uint8(ours.images)
+    mine = to_uint8_hwc(ours.images)
     assert mine.shape == reference.shape == (n, 8, 8, 3)
     diff = np.abs(mine.astype(int) - reference.astype(int))
     assert diff.max() <= 1, f"max pixel difference {diff.max()}"

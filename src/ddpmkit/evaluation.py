@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ddpmkit.data import slug
 from ddpmkit.errors import UserError
-from ddpmkit.images import bars_enabled
+from ddpmkit.images import bars_enabled, to_uint8_nchw
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class InceptionFeatures:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, progress: bool = True, desc: str = "features") -> np.ndarray:
         if images.dtype != torch.uint8:
-            raise TypeError("InceptionFeatures takes uint8 images; use to_uint8_images first")
+            raise TypeError("InceptionFeatures takes uint8 images; use to_uint8_nchw first")
         out = np.empty((images.shape[0], 2048), dtype=np.float32)
         with tqdm(total=images.shape[0], desc=desc, unit="img", leave=False, disable=not bars_enabled(progress)) as bar:
             for start in range(0, images.shape[0], self.batch_size):
@@ -289,13 +289,6 @@ class ImageSet:
         digest = hashlib.sha256(self.images.contiguous().numpy().tobytes())
         digest.update(str(tuple(self.images.shape)).encode())
         return digest.hexdigest()
-
-
-def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) float in [-1, 1] (what `sample` returns) or uint8 -> uint8, rounded as DDPMPipeline saves PNGs."""
-    if images.dtype == torch.uint8:
-        return images.cpu()
-    return ((images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def dataset_images(dataset: str, image_size: int, channels: int = 3, count: int | None = None, split: str = "train",
@@ -686,7 +679,7 @@ def _open_subject(model_or_images, vs_dataset, image_size, num_images, device):
 
             return load_pipeline(str(model_or_images), device=device), str(model_or_images), None
     elif torch.is_tensor(model_or_images):
-        images = to_uint8_images(model_or_images)
+        images = to_uint8_nchw(model_or_images)
         generated = ImageSet(images, describe={"images": "tensor", "count": images.shape[0],
                                                "image_size": image_size or int(images.shape[-1])})
     else:
@@ -800,7 +793,7 @@ def _sample_images(pipe, count: int, sampler: dict, seed: int, batch_size: int |
                 "num_images": count, "cfg_scale": cfg_scale,
                 "class_labels": sorted(set(labels)) if labels is not None else None,
                 "scheduler_config": dict(pipe.scheduler.config)}
-    return ImageSet(to_uint8_images(out.images), label_tensor, None, {"generated": count}), settings
+    return ImageSet(to_uint8_nchw(out.images), label_tensor, None, {"generated": count}), settings
 
 
 def _per_class(reference: ImageSet, ref_features, gen_features, kid_subsets, kid_subset_size) -> dict[str, dict]:

@@ -16,20 +16,27 @@ def bars_enabled(wanted: bool = True) -> bool:
     return wanted and os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), rounded as `DDPMPipeline.numpy_to_pil` does."""
-    x = (images.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> uint8 numpy (B, H, W, C), rounded as `DDPMPipeline.numpy_to_pil` does."""
+    return to_uint8_nchw(images).permute(0, 2, 3, 1).numpy()
+
+
+def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) float in [-1, 1] (what `sample` returns) or uint8 -> uint8 tensor (B, C, H, W) on the CPU,
+    rounded as `DDPMPipeline.numpy_to_pil` does (what evaluation and the saved PNGs see)."""
+    if images.dtype == torch.uint8:
+        return images.cpu()
+    return ((images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arrays = to_uint8(images)
+    arrays = to_uint8_hwc(images)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1) -> Image.Image:
     """A grid of (B, C, H, W) images in [-1, 1]; `nrow` images per row (square-ish by default)."""
-    arrays = to_uint8(images)
+    arrays = to_uint8_hwc(images)
     b, h, w, c = arrays.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(b)))
     rows = math.ceil(b / nrow)

@@ -7,6 +7,7 @@ device, measured once), so the images do not depend on the micro-batch. With the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -29,6 +30,26 @@ class Guidance(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step_index: int, num_steps: int,
                  predict: Callable[[torch.Tensor], torch.Tensor], scheduler) -> tuple[torch.Tensor, torch.Tensor, Any]:
         ...
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample, as `sample` takes it: a registry name and its options (None: the scheduler's own default).
+
+    What `ddpmkit eval`, the web app and the benchmarks pass around instead of nine loose arguments;
+    `sample(model, **settings.kwargs())` runs it."""
+
+    scheduler: str = AUTO
+    steps: int | None = None
+    karras: bool | None = None
+    timestep_spacing: str | None = None
+    solver_order: int | None = None
+    eta: float | None = None
+    dtype: str = "auto"
+    batch_size: int | None = None  # images per UNet call (None: the fastest measured); the images do not depend on it
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass

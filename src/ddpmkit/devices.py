@@ -1,0 +1,71 @@
+"""The one rule for where ddpmkit computes: a CUDA GPU when there is one, else Apple's MPS, else the CPU.
+
+`train`, `finetune`, `sample`, `eval`, `serve` and the Python API all call `resolve_device`; `--device` (or the
+`device=` argument) overrides the rule, and a device asked for that is not there is one line saying what to use.
+The choice is logged once per process and device.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from ddpmkit.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CHOICES = ("auto", "cpu", "cuda", "mps")  # what --device takes (cuda:N too)
+HELP = ("auto (default): a CUDA GPU when there is one, else Apple's MPS, else the CPU; or cpu, cuda, cuda:N, mps")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else MPS when torch offers it, else the CPU."""
+    if cuda_available():
+        return torch.device("cuda")
+    if mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(requested: str | torch.device | None = None, flag: str = "--device") -> torch.device:
+    """None or 'auto' -> `default_device()`; 'cpu', 'cuda', 'cuda:N', 'mps' -> that device when it is there."""
+    if isinstance(requested, torch.device):
+        requested = str(requested)
+    text = (requested or "auto").strip().lower()
+    if text == "auto":
+        device = default_device()
+        why = "the default: " + ("a CUDA GPU is visible" if device.type == "cuda" else
+                                 "no CUDA GPU, MPS available" if device.type == "mps" else "no GPU is visible")
+    else:
+        try:
+            device = torch.device(text)
+        except RuntimeError:
+            raise UserError(f"{flag} {requested!r} is not a device: use one of {', '.join(CHOICES)}") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"{flag} {requested!r} is not supported: use one of {', '.join(CHOICES)}")
+        if device.type == "cuda" and not cuda_available():
+            raise UserError(f"{flag} {requested}, but no CUDA GPU is visible: use {flag} cpu or auto")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{flag} {requested}: this machine has {torch.cuda.device_count()} GPU(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        if device.type == "mps" and not mps_available():
+            raise UserError(f"{flag} mps, but torch has no MPS backend here: use {flag} cpu or auto")
+        why = f"asked for with {flag}"
+    _log_once(str(device), why)
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(device: str, why: str) -> None:
+    """The choice, logged once per process, device and reason."""
+    logger.info("device: %s (%s)", device, why)
