@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpmkit.data import collate_fn, emoji_files, load_image_data, make_dataloader
+from ddpmkit.data import ShuffledBatches, emoji_files, load_image_data
 from ddpmkit.errors import UserError
 
 # One solid colour per format; lossless formats must come back exactly, jpg/webp within compression error.
@@ -157,13 +157,19 @@ def test_resize_to_image_size(tmp_path):
 
 
 # ----------------------------------------------------------------------------- transform
+def _epoch(data, batch_size: int, random_flip: bool, seed: int = 0) -> list[dict]:
+    """One epoch of the trainer's batches (`ShuffledBatches`, the one batching path)."""
+    batches = ShuffledBatches(data, batch_size, seed, random_flip)
+    return [batch for batch, _ in zip(batches, range(len(batches)))]
+
+
 def test_batches_are_in_minus_one_to_one_with_exact_endpoints(tmp_path):
     image = np.zeros((8, 8, 3), np.uint8)
     image[:, 4:] = 255
     image[0, 0] = 127
     Image.fromarray(image).save(tmp_path / "x.png")
     data = load_image_data(str(tmp_path), 8)
-    batch = next(iter(make_dataloader(data, batch_size=4, random_flip=False)))
+    batch = _epoch(data, batch_size=4, random_flip=False)[0]
     images = batch["images"]
     assert images.shape == (1, 3, 8, 8) and images.dtype == torch.float32
     assert images[0, :, 1, 0].tolist() == [-1.0] * 3  # 0 -> -1 exactly
@@ -173,11 +179,15 @@ def test_batches_are_in_minus_one_to_one_with_exact_endpoints(tmp_path):
     assert batch["labels"].tolist() == [-1]
 
 
-def test_batch_shape_b_c_h_w(image_folder):
+def test_batch_shape_b_c_h_w_and_every_image_once_per_epoch(image_folder):
     data = load_image_data(str(image_folder), 16)
-    loader = make_dataloader(data, batch_size=5, random_flip=True, seed=0)
-    shapes = [tuple(b["images"].shape) for b in loader]
-    assert shapes == [(5, 3, 16, 16), (5, 3, 16, 16), (2, 3, 16, 16)]
+    epoch = _epoch(data, batch_size=5, random_flip=False)
+    assert [tuple(b["images"].shape) for b in epoch] == [(5, 3, 16, 16), (5, 3, 16, 16), (2, 3, 16, 16)]
+    seen = torch.cat([b["images"] for b in epoch])
+    expected = data.images.float() / 127.5 - 1
+    # the same 12 images, each once, in a shuffled order
+    assert sorted(map(tuple, seen.flatten(1).tolist())) == sorted(map(tuple, expected.flatten(1).tolist()))
+    assert not torch.equal(seen, expected)
 
 
 def test_flip_mirrors_some_samples_and_never_changes_them_otherwise():
@@ -189,23 +199,24 @@ def test_flip_mirrors_some_samples_and_never_changes_them_otherwise():
     mirrored = expected.flip(-1)
     assert not torch.equal(expected, mirrored)
     flipped = kept = 0
-    for batch in make_dataloader(data, batch_size=8, random_flip=True, seed=3):
+    for batch in _epoch(data, batch_size=8, random_flip=True, seed=3):
         for image in batch["images"]:
             is_mirror, is_same = torch.equal(image, mirrored), torch.equal(image, expected)
             assert is_mirror or is_same, "a flip must only mirror the image"
             flipped, kept = flipped + is_mirror, kept + is_same
     assert flipped + kept == 64 and 16 < flipped < 48  # about half of them, Binomial(64, 0.5)
-    unflipped = [b["images"] for b in make_dataloader(data, batch_size=8, random_flip=False)]
-    assert all(torch.equal(img, expected) for batch in unflipped for img in batch)
+    unflipped = _epoch(data, batch_size=8, random_flip=False)
+    assert all(torch.equal(img, expected) for batch in unflipped for img in batch["images"])
 
 
 def test_flip_draws_are_seeded():
-    collate = collate_fn(True, torch.Generator().manual_seed(0))
-    items = [(torch.from_numpy(_asymmetric(4)).permute(2, 0, 1), -1)] * 32
-    a = collate(items)["images"]
-    b = collate_fn(True, torch.Generator().manual_seed(0))(items)["images"]
+    from ddpmkit.data import ImageData
+
+    data = ImageData(torch.from_numpy(_asymmetric(4)).permute(2, 0, 1)[None].repeat(32, 1, 1, 1))
+    a = torch.cat([b["images"] for b in _epoch(data, 8, True, seed=0)])
+    b = torch.cat([b["images"] for b in _epoch(data, 8, True, seed=0)])
     assert torch.equal(a, b)
-    assert not torch.equal(a, collate(items)["images"])  # the generator moves on from batch to batch
+    assert not torch.equal(a, torch.cat([b["images"] for b in _epoch(data, 8, True, seed=1)]))  # another seed
 
 
 # ----------------------------------------------------------------------------- failures
@@ -258,7 +269,7 @@ def test_hub_id_without_network_is_a_user_error():
 
 # ----------------------------------------------------------------------------- disk cache
 def test_disk_cache_round_trip(tmp_path, image_folder, monkeypatch, caplog):
-    import ddpmkit.data as data_module
+    import ddpmkit.data.sources as data_module
 
     cache = tmp_path / "cache"
     first = load_image_data(str(image_folder), 16, cache_dir=str(cache))

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TrainConfig": "config",
     "UserError": "errors", "Interrupted": "errors",
-    "ImageData": "data", "load_image_data": "data", "make_dataloader": "data", "ShuffledBatches": "data",
+    "ImageData": "data", "load_image_data": "data", "ShuffledBatches": "data",
     "make_grid": "images", "save_grid": "images",
     "PRESETS": "models", "build_unet": "models", "load_pipeline": "models",
     "SampleOutput": "sampling", "denoise": "sampling", "predicted_x0": "sampling", "sample": "sampling",
