@@ -38,7 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ddpmkit.oracle import evaluate, oracle_pipeline, true_sample_range  # noqa: E402
+from ddpmkit.oracle import (SPREAD_SLACK, ddpm_1000_bounds, distribution_metrics, misses,  # noqa: E402
+                            oracle_pipeline, true_sample_range)
 from ddpmkit.sampling import denoise, sample  # noqa: E402
 from ddpmkit.schedulers import (AUTO_CHOICE, FIGURES_FILE, REGISTRY, SIGMA_MAX, _scheduler_class,  # noqa: E402
                                 resolve, settings_label)
@@ -52,7 +53,6 @@ QUICK_STEPS = (10, 30)
 # sigma 3 on a cosine model): the counts here divide it.
 EXTENDED = {"ddim": ({}, (100, 125, 200, 250, 500, 1000)), "euler_a": ({}, (100, 125, 200, 250, 500, 1000)),
             "euler": ({"karras": True}, (75, 100, 125, 150, 200))}
-SPREAD_SLACK = 0.02  # ddpm-1000 itself is 4-7% under 1 (closed form: oracle.ddpm_spread_ratio)
 # A default (auto's, each scheduler's) must match with its spread this far inside the bound: two sampling errors of
 # the spread at 500 samples (0.0046), the count tests/test_oracle.py holds every default to the bounds at.
 SPREAD_MARGIN = 0.01
@@ -125,20 +125,13 @@ def measure(runner, pipe, name: str, steps: int, options: dict, n: int, seed: in
         images, nfe = runner(pipe, name, steps, options, n, seed)
     except Exception as err:  # a crash is a result here (IndexError / AssertionError inside diffusers)
         return {"error": f"{type(err).__name__}: {str(err)[:70]}", "nfe": None}
-    row = evaluate(images, pipe.mixture, seed=seed)
+    row = distribution_metrics(images, pipe.mixture, seed=seed)
     row.update(nfe=nfe, seconds=round(time.perf_counter() - start, 2))
     return row
 
 
-def bounds_from(baseline: dict, truth: dict) -> dict:
-    return {"spread_dev": abs(baseline["spread"] - 1) + SPREAD_SLACK,
-            "mode_tv": max(baseline["mode_tv"], truth["mode_tv"]["max"]),
-            "swd": max(baseline["swd"], truth["swd"]["max"])}
-
-
 def passes(row: dict, bounds: dict) -> bool:
-    return ("error" not in row and row["finite"] and abs(row["spread"] - 1) <= bounds["spread_dev"]
-            and row["mode_tv"] <= bounds["mode_tv"] and row["swd"] <= bounds["swd"])
+    return not misses(row, bounds)
 
 
 def measure_schedule(schedule: str, n: int, seed: int, quick: bool, defaults_only: bool = False) -> dict:
@@ -151,7 +144,7 @@ def measure_schedule(schedule: str, n: int, seed: int, quick: bool, defaults_onl
     pipe = oracle_pipeline(schedule)
     base = measure(run_ddpmkit, pipe, "ddpm", 1000, {}, n, seed)
     truth = true_sample_range(pipe.mixture, n, seed)
-    bounds = bounds_from(base, truth)
+    bounds = ddpm_1000_bounds(base, truth)
     out = {"baseline": base, "truth": truth, "bounds": bounds, "rows": []}
 
     def add(kind, runner, name, options, steps):

@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler
 
 from ddpmkit.cli import build_parser
 from ddpmkit.errors import UserError
-from ddpmkit.oracle import (ExactScoreModel, GaussianMixture, default_mixture, ddpm_spread_ratio, evaluate,
+from ddpmkit.oracle import (ExactScoreModel, GaussianMixture, ddpm_1000_bounds, default_mixture, ddpm_spread_ratio,
+                            distribution_metrics, misses,
                             mode_frequencies, mode_tv, oracle_pipeline, sliced_wasserstein, spread_ratio,
                             true_sample_range)
 from ddpmkit.sampling import predicted_x0, sample
@@ -55,7 +56,7 @@ def truth():
 
 def run(pipe, name, steps, **options):
     out = sample(pipe, scheduler=name, steps=steps, num_images=N, seed=0, progress=False, **options)
-    return evaluate(out.images, pipe.mixture), out
+    return distribution_metrics(out.images, pipe.mixture), out
 
 
 # ---------------------------------------------------------------------------- the model itself
@@ -110,7 +111,7 @@ def test_metrics_on_known_sample_sets():
     mixture = default_mixture()
     g = torch.Generator().manual_seed(4)
     true = mixture.sample(N, g)
-    scores = evaluate(true, mixture)
+    scores = distribution_metrics(true, mixture)
     assert abs(scores["spread"] - 1) < 0.02 and scores["mode_tv"] < 0.06
     assert scores["swd"] < 1.5 * scores["swd_floor"]
     # half the within-mode noise: spread 0.25; one mode only: TV = 1 - its weight
@@ -268,7 +269,7 @@ def test_auto_default_matches_ddpm_1000_on_both_schedules(pipes, truth):
         pipe = pipes[schedule]
         out = sample(pipe, num_images=N, seed=0, progress=False)
         assert out.nfe < 100  # far fewer model calls than ddpm-1000 (dpm++sde Karras 40: 79)
-        scores = evaluate(out.images, pipe.mixture)
+        scores = distribution_metrics(out.images, pipe.mixture)
         ddpm_spread = ddpm_spread_ratio(pipe.scheduler, pipe.mixture.std)
         assert abs(scores["spread"] - 1) <= abs(ddpm_spread - 1) + 0.02
         assert scores["mode_tv"] <= truth["mode_tv"]["max"] + 0.01
@@ -294,7 +295,6 @@ def test_sampler_options_are_validated_by_name(kwargs, message, pipes):
 
 # ---------------------------------------------------------------------------- each scheduler's defaults
 N_DEFAULTS = 500  # samples per run: spread to ~0.5%; mode TV and SWD bounds are those of this count
-SPREAD_SLACK = 0.02  # as benchmarks/samplers_table.py: |spread - 1| may exceed ddpm-1000's by this much
 # Each scheduler's defaults before issue 11 that the bounds reject (benchmarks/results/samplers_table.md, 4000
 # samples, spread linear / cosine), with the issue's own examples: the test can fail, and these show it does.
 OLD_DEFAULTS = [
@@ -319,53 +319,41 @@ def default_runs(pipes):
     def scores(name, schedule):
         if (name, schedule) not in cache:
             out = sample(pipes[schedule], scheduler=name, num_images=N_DEFAULTS, seed=0, progress=False)
-            cache[name, schedule] = evaluate(out.images, pipes[schedule].mixture)
+            cache[name, schedule] = distribution_metrics(out.images, pipes[schedule].mixture)
         return cache[name, schedule]
 
     return scores
 
 
 @pytest.fixture(scope="module")
-def ddpm_1000_bounds(pipes, default_runs):
-    """The bounds ddpm-1000 meets on each schedule at N_DEFAULTS samples, as benchmarks/samplers_table.py draws them:
-    |spread - 1| at most its closed-form value's plus SPREAD_SLACK; mode TV and SWD at most the larger of ddpm-1000's
+def bounds(pipes, default_runs):
+    """The bounds ddpm-1000 meets on each schedule at N_DEFAULTS samples, by `oracle.ddpm_1000_bounds` as
+    benchmarks/samplers_table.py draws them, with the closed-form spread: |spread - 1| at most its closed-form
+    value's plus 0.02; mode TV and SWD at most the larger of ddpm-1000's
     and the largest of 20 true sample sets' at this count, plus 0.02 TV and 30% SWD (as `SETTINGS` above): at 500
     samples these two are mostly count noise, and the deterministic samplers all map one seed's x_T to nearly the same
     modes, so they share one draw of it (TV 0.062, SWD 0.022 with seed 0, where 20 true sets reach 0.066, 0.0245;
     dpm++sde draws its own, SWD 0.028). The spread, 0.5% exact at this count, is held to ddpm-1000's own."""
     truth = true_sample_range(default_mixture(), N_DEFAULTS)
-    bounds = {}
+    out = {}
     for schedule, pipe in pipes.items():
         ddpm = default_runs("ddpm", schedule)  # ddpm's defaults are the 1000-step chain
-        bounds[schedule] = {"spread_dev": abs(ddpm_spread_ratio(pipe.scheduler, pipe.mixture.std) - 1) + SPREAD_SLACK,
-                            "mode_tv": max(ddpm["mode_tv"], truth["mode_tv"]["max"]) + 0.02,
-                            "swd": 1.3 * max(ddpm["swd"], truth["swd"]["max"])}
-    return bounds
-
-
-def misses(scores: dict, bounds: dict) -> list[str]:
-    """The bounds a sample set misses (empty: it matches ddpm-1000)."""
-    out = [] if scores["finite"] else ["not finite"]
-    if abs(scores["spread"] - 1) > bounds["spread_dev"]:
-        out.append(f"spread {scores['spread']:.3f} (|spread - 1| <= {bounds['spread_dev']:.3f})")
-    if scores["mode_tv"] > bounds["mode_tv"]:
-        out.append(f"mode TV {scores['mode_tv']:.3f} (<= {bounds['mode_tv']:.3f})")
-    if scores["swd"] > bounds["swd"]:
-        out.append(f"SWD {scores['swd']:.4f} (<= {bounds['swd']:.4f})")
+        spread = ddpm_spread_ratio(pipe.scheduler, pipe.mixture.std)
+        out[schedule] = ddpm_1000_bounds(ddpm, truth, spread=spread, tv_slack=0.02, swd_factor=1.3)
     return out
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("name", scheduler_names())
-def test_every_scheduler_at_its_defaults_meets_ddpm_1000s_bounds(name, schedule, default_runs, ddpm_1000_bounds):
+def test_every_scheduler_at_its_defaults_meets_ddpm_1000s_bounds(name, schedule, default_runs, bounds):
     """`--scheduler NAME` alone: its default steps and options sample as well as 1000 DDPM steps, on both schedules."""
-    assert not misses(default_runs(name, schedule), ddpm_1000_bounds[schedule]), name
+    assert not misses(default_runs(name, schedule), bounds[schedule]), name
 
 
 @pytest.mark.parametrize("name, steps, options, schedule", OLD_DEFAULTS)
-def test_the_bounds_reject_the_old_defaults(name, steps, options, schedule, pipes, ddpm_1000_bounds):
+def test_the_bounds_reject_the_old_defaults(name, steps, options, schedule, pipes, bounds):
     out = sample(pipes[schedule], scheduler=name, steps=steps, num_images=N_DEFAULTS, seed=0, progress=False, **options)
-    missed = misses(evaluate(out.images, pipes[schedule].mixture), ddpm_1000_bounds[schedule])
+    missed = misses(distribution_metrics(out.images, pipes[schedule].mixture), bounds[schedule])
     assert any(m.startswith("spread") for m in missed), missed  # by the bound held tight, not by count noise
 
 
