@@ -7,14 +7,17 @@ device, measured once), so the images do not depend on the micro-batch. With the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from ddpmkit.devices import resolve_device
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
 from ddpmkit.schedulers import (AUTO, SIGMA_MAX, keeps_sample, make_scheduler, num_levels, prepare_for_moves, resolve,
@@ -57,12 +60,15 @@ class SampleOutput:
     """Images in [-1, 1] on the CPU, and what happened on the way."""
 
     images: torch.Tensor
-    nfe: int  # UNet evaluations per image (a CFG pair counts once: the two halves share one batched call)
+    nfe: int  # evaluations of the model per image (the steps' calls)
     timesteps: list[float] = field(default_factory=list)
     trajectory: list[dict] = field(default_factory=list)  # {"step", "t", "sample", "pred_original_sample"}
     guidance_losses: list[list] = field(default_factory=list)  # [[one record per guided step]]
     # what ran, after 'auto' and the scheduler's defaults: {"scheduler", "steps", "karras", "timestep_spacing", ...}
     settings: dict = field(default_factory=dict)
+    # calls of the second network per image: the unconditional half of CFG (batched with the conditional one) or the
+    # autoguidance guide; only inside the guidance interval
+    guide_calls: int = 0
 
 
 def _alpha_bar_and_vp_sample(scheduler, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,38 +105,87 @@ def predicted_x0(scheduler, model_output: torch.Tensor, x: torch.Tensor, t: torc
     raise UserError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
 
 
+@dataclass(frozen=True)
+class GuidanceInterval:
+    """Where CFG or autoguidance applies: noise levels lo < sigma <= hi (EDM's sigma = sqrt((1 - ab) / ab)), or
+    timesteps lo <= t <= hi (`unit="t"`). Outside it each step is one call of the model, unguided (Kynkaenniemi et
+    al. 2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality")."""
+
+    lo: float = 0.0
+    hi: float = math.inf
+    unit: str = "sigma"
+
+    @classmethod
+    def parse(cls, text: str | None) -> "GuidanceInterval | None":
+        """'0.28,5.42' (noise levels sigma), 'sigma:0.28,5.42' or 't:200,700' (timesteps); None or '' -> None."""
+        if text is None or not str(text).strip():
+            return None
+        unit, sep, numbers = str(text).strip().partition(":")
+        if not sep:
+            unit, numbers = "sigma", unit
+        try:
+            lo, hi = (float(v) for v in numbers.split(","))
+        except ValueError:
+            lo = hi = math.nan
+        if unit not in ("sigma", "t") or not 0 <= lo < hi:
+            raise UserError(f"--guidance_interval {text!r} must be LO,HI with 0 <= LO < HI: noise levels sigma "
+                            "(e.g. 0.28,5.42) or timesteps prefixed with t: (e.g. t:200,700)")
+        return cls(lo, hi, unit)
+
+    def contains(self, sigma: float, t: float) -> bool:
+        if self.unit == "t":
+            return self.lo <= t <= self.hi
+        return self.lo < sigma <= self.hi
+
+    def describe(self) -> str:
+        return f"{self.unit} {self.lo:g}..{self.hi:g}"
+
+
+def noise_level(scheduler, t) -> float:
+    """EDM's sigma of timestep t: sqrt((1 - alpha_bar_t) / alpha_bar_t), from the scheduler's own schedule."""
+    alpha_bar, _ = _alpha_bar_and_vp_sample(scheduler, torch.ones(()), t)
+    return math.sqrt(max(1.0 - float(alpha_bar), 0.0) / max(float(alpha_bar), 1e-30))
+
+
 def model_fn(unet, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0, batch_size: int | None = None,
-             channels_last: bool = False) -> Callable:
-    """x (already scaled by `scale_model_input`), t -> model output, with classifier-free guidance.
+             channels_last: bool = False, guide_unet=None, guide_scale: float = 1.0) -> Callable:
+    """x (already scaled by `scale_model_input`), t, guided -> model output, with CFG or autoguidance.
 
     CFG (Ho & Salimans 2022): out = uncond + w * (cond - uncond), both halves in one batched call.
     w = 1 is plain conditional sampling and w = 0 unconditional; both skip the second half.
-    The UNet runs in its own dtype on `batch_size` rows at a time (a CFG pair counts two); the output is
-    in x's dtype. Without gradients it runs under `torch.inference_mode`.
+    Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the guide is a
+    weaker model of the same kind, out = guide + w * (main - guide), with the same class labels (EDM2's
+    `generate_images.py`: the guide's output lerped towards the main one's by w). `guided=False` (a step outside
+    the guidance interval) is one call of the main model. The UNets run in their own dtype on `batch_size` rows at
+    a time (a CFG pair counts two); the output is in x's dtype. Without gradients: `torch.inference_mode`.
     """
     null_label = (getattr(unet.config, "num_class_embeds", None) or 1) - 1
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    unet_dtype = getattr(unet, "dtype", None)  # None: an analytic stand-in, called in x's dtype
 
-    def call(model_input: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def call(model, model_input: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         rows = batch_size or model_input.shape[0]
-        inputs = model_input.to(unet_dtype or model_input.dtype).contiguous(memory_format=memory_format)
+        dtype = getattr(model, "dtype", None) or model_input.dtype  # None: an analytic stand-in, in x's dtype
+        inputs = model_input.to(dtype).contiguous(memory_format=memory_format)
         with torch.inference_mode(not torch.is_grad_enabled()):
-            outputs = [unet(inputs[i:i + rows], t, class_labels=None if labels is None else labels[i:i + rows]).sample
+            outputs = [model(inputs[i:i + rows], t, class_labels=None if labels is None else labels[i:i + rows]).sample
                        for i in range(0, inputs.shape[0], rows)]
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return out.to(model_input.dtype)
 
-    def predict(model_input: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if class_labels is None:
-            return call(model_input, t, None)
-        labels = class_labels.to(model_input.device)
-        if cfg_scale == 1.0:
-            return call(model_input, t, labels)
+    def predict(model_input: torch.Tensor, t: torch.Tensor, guided: bool = True) -> torch.Tensor:
+        labels = None if class_labels is None else class_labels.to(model_input.device)
+        if guide_unet is not None:
+            main = call(unet, model_input, t, labels)
+            if not guided or guide_scale == 1.0:
+                return main
+            bad = call(guide_unet, model_input, t, labels)
+            return bad + guide_scale * (main - bad)
+        if labels is None or cfg_scale == 1.0 or (not guided and cfg_scale != 0.0):
+            return call(unet, model_input, t, labels)
         null = torch.full_like(labels, null_label)
         if cfg_scale == 0.0:
-            return call(model_input, t, null)
-        both = call(torch.cat([model_input, model_input]), t, torch.cat([labels, null]))
+            return call(unet, model_input, t, null)
+        both = call(unet, torch.cat([model_input, model_input]), t, torch.cat([labels, null]))
         cond, uncond = both.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
@@ -141,33 +196,34 @@ def model_fn(unet, class_labels: torch.Tensor | None = None, cfg_scale: float = 
 def denoise(unet, scheduler, x: torch.Tensor, generator: torch.Generator | None = None, eta: float | None = None,
             guidance: Guidance | None = None, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
             trajectory_every: int = 0, callback: Callable[[dict], None] | None = None,
-            progress: bool = False, batch_size: int | None = None,
-            channels_last: bool = False) -> tuple[torch.Tensor, list[dict], list]:
+            progress: bool = False, batch_size: int | None = None, channels_last: bool = False, guide_unet=None,
+            guide_scale: float = 1.0, interval: GuidanceInterval | None = None) -> tuple[torch.Tensor, list[dict], list]:
     """Run the reverse process from x = x_T over `scheduler.timesteps` (set_timesteps already called).
 
-    Per step: scale_model_input -> unet (-> guidance moves x) -> scheduler.step(...).prev_sample.
-    `callback` gets {"step", "num_steps", "t", "sample", "pred_original_sample", "model_output", "loss"}.
-    `batch_size`: images per UNet call (None: all); the scheduler always steps the whole batch.
+    Per step: scale_model_input -> unet (+ CFG or autoguidance inside `interval`) (-> loss guidance moves x) ->
+    scheduler.step(...).prev_sample. `callback` gets {"step", "num_steps", "t", "sample", "pred_original_sample",
+    "model_output", "loss"}. `batch_size`: images per UNet call (None: all); the scheduler steps the whole batch.
     """
-    predict_raw = model_fn(unet, class_labels, cfg_scale, batch_size, channels_last)
+    predict_raw = model_fn(unet, class_labels, cfg_scale, batch_size, channels_last, guide_unet, guide_scale)
     extra = step_kwargs(scheduler, generator, eta)
     timesteps = scheduler.timesteps
+    inside = guided_steps(scheduler, interval)
     trajectory, losses = [], []
     levels, level = num_levels(scheduler), 0  # guidance moves x once per noise level (two-stage samplers: 2 calls)
 
-    def predict(sample: torch.Tensor, t) -> torch.Tensor:
-        return predict_raw(scheduler.scale_model_input(sample, t), t)
-
     for i, t in enumerate(tqdm(timesteps, disable=not bars_enabled(progress), desc="sampling", leave=False)):
+        def predict(sample: torch.Tensor) -> torch.Tensor:
+            return predict_raw(scheduler.scale_model_input(sample, t), t, inside[i])
+
         loss = None
         if guidance is not None and keeps_sample(scheduler):
             with torch.enable_grad():
-                x, model_output, loss = guidance(x, t, level, levels, lambda s: predict(s, t), scheduler)
+                x, model_output, loss = guidance(x, t, level, levels, predict, scheduler)
             level += 1
             if loss is not None:
                 losses.append(loss)
         else:
-            model_output = predict(x, t)
+            model_output = predict(x)
         need_x0 = callback is not None or (trajectory_every and (i % trajectory_every == 0 or i == len(timesteps) - 1))
         x0 = predicted_x0(scheduler, model_output, x, t) if need_x0 else None
         x = scheduler.step(model_output, t, x, **extra).prev_sample
@@ -177,6 +233,23 @@ def denoise(unet, scheduler, x: torch.Tensor, generator: torch.Generator | None 
             callback({"step": i, "num_steps": len(timesteps), "t": t, "sample": x, "pred_original_sample": x0,
                       "model_output": model_output, "loss": loss})
     return x, trajectory, losses
+
+
+def guided_steps(scheduler, interval: GuidanceInterval | None) -> list[bool]:
+    """For each entry of `scheduler.timesteps`: whether CFG / autoguidance applies there (all, without an interval)."""
+    if interval is None:
+        return [True] * len(scheduler.timesteps)
+    flags = []
+    for i, t in enumerate(scheduler.timesteps):
+        step_index = getattr(scheduler, "_step_index", None)
+        if hasattr(scheduler, "_step_index"):  # sigma-array schedulers look their sigma up by step index
+            scheduler._step_index = i
+        try:
+            flags.append(interval.contains(noise_level(scheduler, t), float(t)))
+        finally:
+            if hasattr(scheduler, "_step_index"):
+                scheduler._step_index = step_index
+    return flags
 
 
 def resolve_pipeline(model):
@@ -194,7 +267,8 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
            seed: int | None = None, generator: torch.Generator | None = None, eta: float | None = None,
            karras: bool | None = None, timestep_spacing: str | None = None, solver_order: int | None = None,
            sigma_max: float | None = SIGMA_MAX, guidance: Guidance | None = None, class_labels=None,
-           cfg_scale: float = 1.0, trajectory_every: int = 0,
+           cfg_scale: float = 1.0, autoguide=None, autoguide_scale: float = 2.0,
+           guidance_interval: GuidanceInterval | str | None = None, trajectory_every: int = 0,
            callback: Callable[[dict], None] | None = None, device: str | torch.device | None = None,
            progress: bool = True, dtype: str = "auto", channels_last: bool | None = None) -> SampleOutput:
     """Generate `num_images` images from `model` with scheduler `scheduler` (a registry name) in `steps` steps.
@@ -205,17 +279,75 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     DDPMPipeline. `seed` means `torch.Generator("cpu").manual_seed(seed)` used as
     DDPMPipeline uses its generator. `sigma_max` caps the starting noise level of the sigma-array samplers
     (all but ddpm, ddim, pndm; None: the model's full schedule, as plain diffusers samples it).
+    Guidance: `cfg_scale` (classifier-free, class-conditioned models), or `autoguide` (a weaker model of the same
+    kind: a pipeline, folder, run checkpoint `step_N` or bundled name) at `autoguide_scale`; either only inside
+    `guidance_interval` ('LO,HI' noise levels, 't:LO,HI' timesteps); `guidance`: a loss on x0 (guidance.py).
+    `device`: None keeps a model that is on a GPU there and puts one on the CPU on `devices.default_device()`.
     Speed (docs/performance.md): `dtype` auto|fp32|bf16|fp16 is the UNet's (auto: bf16 only where native
     and measured faster); `batch_size` images per UNet call and `channels_last` default to the fastest
     measured on this device (`tuning.choose`). `dtype="fp32"` is DDPMPipeline's arithmetic bit for bit.
     """
     pipe = resolve_pipeline(model)
     unet = pipe.unet
-    if device is not None:
-        unet.to(device)
+    unet.to(_sampling_device(unet, device))
     device = unet.device
     if num_images < 1:
         raise UserError(f"--num_images must be at least 1 (got {num_images})")
+    interval = guidance_interval if isinstance(guidance_interval, GuidanceInterval) or guidance_interval is None \
+        else GuidanceInterval.parse(guidance_interval)
+    guide_unet = _guide_unet(pipe, autoguide, autoguide_scale, cfg_scale, interval, device)
+    sched, settings = _scheduler_for(pipe, scheduler, steps, karras, timestep_spacing, solver_order, sigma_max, seed)
+    if generator is None:
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+    step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
+    labels = _class_label_tensor(unet, class_labels, num_images)
+    rows = 2 if (labels is not None and cfg_scale not in (0.0, 1.0)) or guide_unet is not None else 1
+    was_training = unet.training
+    unet.eval()
+    try:
+        # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
+        speed = choose(unet, num_images * rows, dtype, batch_size and batch_size * rows, channels_last)
+        logger.info("UNet calls: %s", speed.describe())
+        size = unet.config.sample_size
+        shape_hw = (size, size) if isinstance(size, int) else tuple(size)
+        set_timesteps(sched, settings["steps"], device=device)
+        if guidance is not None and (changed := prepare_for_moves(sched)):
+            logger.info(changed)
+        timesteps = [float(t) for t in sched.timesteps]
+        extra_calls = sum(guided_steps(sched, interval)) if rows == 2 else 0
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # x_T as DDPMPipeline draws it (in the UNet's dtype); the scheduler then runs in at least float32
+        x = randn_tensor((num_images, unet.config.in_channels, *shape_hw), generator=generator, device=device,
+                         dtype=unet.dtype) * sched.init_noise_sigma
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        with unet_for_sampling(unet, speed.dtype, speed.channels_last) as model_unet, \
+                _optional(guide_unet, speed) as guide_model:
+            x, trajectory, losses = denoise(model_unet, sched, x, generator=generator, eta=eta, guidance=guidance,
+                                            class_labels=labels, cfg_scale=cfg_scale,
+                                            trajectory_every=trajectory_every, callback=callback, progress=progress,
+                                            batch_size=speed.batch_size, channels_last=speed.channels_last,
+                                            guide_unet=guide_model, guide_scale=autoguide_scale, interval=interval)
+    finally:
+        unet.train(was_training)
+    result = x.float().cpu().clamp(-1, 1)
+    if not torch.isfinite(result).all():
+        logger.warning("some samples are not finite: the model or the scheduler settings diverged")
+    if interval is not None:
+        settings["guidance_interval"] = interval.describe()
+    return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses], settings, extra_calls)
+
+
+def _sampling_device(unet, device) -> torch.device:
+    """`device` when given (checked by the one device rule); else a GPU the model is already on, else the default."""
+    if device is not None or unet.device.type == "cpu":
+        return resolve_device(device)
+    return unet.device
+
+
+def _scheduler_for(pipe, scheduler: str, steps, karras, timestep_spacing, solver_order, sigma_max,
+                   seed) -> tuple[object, dict]:
+    """The scheduler a run uses, built from the model's config, and its settings {"scheduler", "steps", ...}."""
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
     asked = scheduler
@@ -227,42 +359,53 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
         why = ("the model's training steps" if limit == pipe.scheduler.config.num_train_timesteps
                else f"the model's training steps at noise levels up to sigma_max {sigma_max:g}")
         raise UserError(f"--steps {steps} is more than the {limit} timesteps {scheduler} can use ({why})")
-    if generator is None:
-        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-    step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
     logger.info("scheduler %s%s, %d steps", "auto: " if asked == AUTO else "", settings_label(scheduler, options), steps)
-    labels = _class_label_tensor(unet, class_labels, num_images)
-    cfg_rows = 2 if labels is not None and cfg_scale not in (0.0, 1.0) else 1
-    was_training = unet.training
-    unet.eval()
-    try:
-        # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
-        speed = choose(unet, num_images * cfg_rows, dtype, batch_size and batch_size * cfg_rows, channels_last)
-        logger.info("UNet calls: %s", speed.describe())
-        size = unet.config.sample_size
-        shape_hw = (size, size) if isinstance(size, int) else tuple(size)
-        set_timesteps(sched, steps, device=device)
-        if guidance is not None and (changed := prepare_for_moves(sched)):
-            logger.info(changed)
-        timesteps = [float(t) for t in sched.timesteps]
-        from diffusers.utils.torch_utils import randn_tensor
+    return sched, {"scheduler": scheduler, "steps": steps, **options}
 
-        # x_T as DDPMPipeline draws it (in the UNet's dtype); the scheduler then runs in at least float32
-        x = randn_tensor((num_images, unet.config.in_channels, *shape_hw), generator=generator, device=device,
-                         dtype=unet.dtype) * sched.init_noise_sigma
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        with unet_for_sampling(unet, speed.dtype, speed.channels_last) as model_unet:
-            x, trajectory, losses = denoise(model_unet, sched, x, generator=generator, eta=eta, guidance=guidance,
-                                            class_labels=labels, cfg_scale=cfg_scale,
-                                            trajectory_every=trajectory_every, callback=callback, progress=progress,
-                                            batch_size=speed.batch_size, channels_last=speed.channels_last)
-    finally:
-        unet.train(was_training)
-    result = x.float().cpu().clamp(-1, 1)
-    if not torch.isfinite(result).all():
-        logger.warning("some samples are not finite: the model or the scheduler settings diverged")
-    return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses],
-                        {"scheduler": scheduler, "steps": steps, **options})
+
+def _guide_unet(pipe, autoguide, autoguide_scale: float, cfg_scale: float, interval, device):
+    """The autoguidance guide's UNet on `device` (None without one), checked against the model it guides."""
+    if not math.isfinite(autoguide_scale) or autoguide_scale < 0:
+        raise UserError(f"--autoguide_scale must be a number >= 0 (got {autoguide_scale})")
+    if autoguide is None:
+        if interval is not None and cfg_scale == 1.0:
+            raise UserError("--guidance_interval applies to --cfg_scale or --autoguide: give one of them")
+        return None
+    if cfg_scale != 1.0:
+        raise UserError("--autoguide and --cfg_scale both guide the model's output: use one of them")
+    guide = resolve_pipeline(autoguide)
+    check_guide(pipe, guide)
+    guide.unet.eval()
+    return guide.unet.to(device)
+
+
+def check_guide(pipe, guide) -> None:
+    """Autoguidance needs a guide of the same kind: size, channels, classes, prediction type and noise schedule."""
+    mine, theirs = pipe.unet.config, guide.unet.config
+    checks = [("image size", mine.sample_size, theirs.sample_size),
+              ("channels", (mine.in_channels, mine.out_channels), (theirs.in_channels, theirs.out_channels)),
+              ("classes", mine.num_class_embeds, theirs.num_class_embeds),
+              ("prediction type", pipe.scheduler.config.prediction_type, guide.scheduler.config.prediction_type),
+              ("training timesteps", pipe.scheduler.config.num_train_timesteps,
+               guide.scheduler.config.num_train_timesteps)]
+    for what, a, b in checks:
+        if a != b:
+            raise UserError(f"the --autoguide model does not match the model: {what} {b} vs {a} (a guide must be "
+                            "a weaker model of the same kind: an earlier checkpoint of the same run, or a smaller "
+                            "model trained the same way)")
+    if not torch.allclose(pipe.scheduler.alphas_cumprod.double(), guide.scheduler.alphas_cumprod.double()):
+        raise UserError("the --autoguide model does not match the model: another noise schedule (a guide must be "
+                        "trained with the same beta_schedule)")
+
+
+@contextlib.contextmanager
+def _optional(guide_unet, speed):
+    """The guide in the sampling dtype and memory format, as the main UNet (None passes through)."""
+    if guide_unet is None:
+        yield None
+        return
+    with unet_for_sampling(guide_unet, speed.dtype, speed.channels_last) as model:
+        yield model
 
 
 def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | None:
