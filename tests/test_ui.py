@@ -156,6 +156,37 @@ def test_serve_without_the_bundled_model_says_what_to_give(tmp_path, monkeypatch
     assert "is not a folder" in capsys.readouterr().err
 
 
+def test_the_studio_samples_on_the_gpu_by_default_and_reads_models_without_loading_them(models_dir, tmp_path,
+                                                                                        monkeypatch):
+    import torch
+
+    import ddpmkit.devices
+
+    monkeypatch.setattr(ddpmkit.devices, "cuda_available", lambda: True)  # as on a machine with a GPU
+    monkeypatch.setattr(ddpmkit.devices, "mps_available", lambda: False)
+    cond = str((models_dir / "cond16").resolve())
+    studio = Studio(cond, models_dir, output_dir=tmp_path / "gpu")
+    try:
+        assert studio.device == torch.device("cuda")
+        assert studio.loaded == []  # the picker comes from config files: nothing loaded (or moved) until a job
+        assert studio.describe(cond).classes == tuple(CLASS_NAMES) and studio.describe(cond).image_size == 16
+        plain = studio.describe(str((models_dir / "plain8").resolve()))
+        assert (plain.classes, plain.image_size, plain.label) == ((), 8, "plain8")
+        command = studio.command(studio.check(Request(model=cond)))
+        assert "--device" not in command and "OMP_NUM_THREADS" not in command  # `ddpmkit sample` picks the GPU too
+    finally:
+        studio.close()
+    pinned = Studio(cond, models_dir, output_dir=tmp_path / "cpu", device="cpu")
+    try:  # on the CPU by request: the command says so, since `ddpmkit sample` would pick the GPU
+        assert pinned.device == torch.device("cpu")
+        command = shlex.split(pinned.command(pinned.check(Request(model=cond))))
+        assert command[0].startswith("OMP_NUM_THREADS=") and command[command.index("--device") + 1] == "cpu"
+    finally:
+        pinned.close()
+    with pytest.raises(UserError, match="--device mps"):
+        Studio(cond, models_dir, output_dir=tmp_path / "mps", device="mps")
+
+
 # ----------------------------------------------------------------------------- a real server
 def free_port() -> int:
     with socket.socket() as s:

@@ -2,7 +2,8 @@
 
 `train`, `finetune`, `sample`, `eval`, `serve` and the Python API all call `resolve_device`; `--device` (or the
 `device=` argument) overrides the rule, and a device asked for that is not there is one line saying what to use.
-The choice is logged once per process and device.
+The choice is logged once per process and device by `announce`, when the work starts (so that a mistake found
+before then is still the only line printed).
 """
 from __future__ import annotations
 
@@ -43,29 +44,34 @@ def resolve_device(requested: str | torch.device | None = None, flag: str = "--d
         requested = str(requested)
     text = (requested or "auto").strip().lower()
     if text == "auto":
-        device = default_device()
-        why = "the default: " + ("a CUDA GPU is visible" if device.type == "cuda" else
-                                 "no CUDA GPU, MPS available" if device.type == "mps" else "no GPU is visible")
-    else:
-        try:
-            device = torch.device(text)
-        except RuntimeError:
-            raise UserError(f"{flag} {requested!r} is not a device: use one of {', '.join(CHOICES)}") from None
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise UserError(f"{flag} {requested!r} is not supported: use one of {', '.join(CHOICES)}")
-        if device.type == "cuda" and not cuda_available():
-            raise UserError(f"{flag} {requested}, but no CUDA GPU is visible: use {flag} cpu or auto")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"{flag} {requested}: this machine has {torch.cuda.device_count()} GPU(s) "
-                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-        if device.type == "mps" and not mps_available():
-            raise UserError(f"{flag} mps, but torch has no MPS backend here: use {flag} cpu or auto")
-        why = f"asked for with {flag}"
-    _log_once(str(device), why)
+        return default_device()
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"{flag} {requested!r} is not a device: use one of {', '.join(CHOICES)}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{flag} {requested!r} is not supported: use one of {', '.join(CHOICES)}")
+    if device.type == "cuda" and not cuda_available():
+        raise UserError(f"{flag} {requested}, but no CUDA GPU is visible: use {flag} cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {requested}: this machine has {torch.cuda.device_count()} GPU(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not mps_available():
+        raise UserError(f"{flag} mps, but torch has no MPS backend here: use {flag} cpu or auto")
     return device
 
 
+def announce(device: torch.device | str, what: str = "computing") -> None:
+    """Log the device once per process (and per `what`): call it when the work starts."""
+    _log_once(str(torch.device(device)), what)
+
+
 @functools.lru_cache(maxsize=None)
-def _log_once(device: str, why: str) -> None:
-    """The choice, logged once per process, device and reason."""
-    logger.info("device: %s (%s)", device, why)
+def _log_once(device: str, what: str) -> None:
+    kind = torch.device(device).type
+    why = {"cuda": "a CUDA GPU", "mps": "Apple's MPS", "cpu": "the CPU"}[kind]
+    if kind == "cpu" and (cuda_available() or mps_available()):
+        why += ", as asked"
+    elif kind == "cpu":
+        why += ": no GPU is visible"
+    logger.info("%s on %s (%s; --device overrides)", what, device, why)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ddpmkit.devices import resolve_device
+from ddpmkit.devices import announce, resolve_device
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
 from ddpmkit.schedulers import (AUTO, SIGMA_MAX, keeps_sample, make_scheduler, num_levels, prepare_for_moves, resolve,
@@ -301,12 +301,16 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
     step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
     labels = _class_label_tensor(unet, class_labels, num_images)
+    auto = settings.pop("auto", False)
+    logger.info("scheduler %s%s, %d steps", "auto: " if auto else "",
+                settings_label(settings["scheduler"], settings), settings["steps"])
     rows = 2 if (labels is not None and cfg_scale not in (0.0, 1.0)) or guide_unet is not None else 1
     was_training = unet.training
     unet.eval()
     try:
         # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
         speed = choose(unet, num_images * rows, dtype, batch_size and batch_size * rows, channels_last)
+        announce(device, "sampling")
         logger.info("UNet calls: %s", speed.describe())
         size = unet.config.sample_size
         shape_hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -359,8 +363,7 @@ def _scheduler_for(pipe, scheduler: str, steps, karras, timestep_spacing, solver
         why = ("the model's training steps" if limit == pipe.scheduler.config.num_train_timesteps
                else f"the model's training steps at noise levels up to sigma_max {sigma_max:g}")
         raise UserError(f"--steps {steps} is more than the {limit} timesteps {scheduler} can use ({why})")
-    logger.info("scheduler %s%s, %d steps", "auto: " if asked == AUTO else "", settings_label(scheduler, options), steps)
-    return sched, {"scheduler": scheduler, "steps": steps, **options}
+    return sched, {"scheduler": scheduler, "steps": steps, **options, **({"auto": True} if asked == AUTO else {})}
 
 
 def _guide_unet(pipe, autoguide, autoguide_scale: float, cfg_scale: float, interval, device):

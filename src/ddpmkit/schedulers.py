@@ -159,6 +159,46 @@ def measured_figures() -> dict:
     return out
 
 
+def figures_lines(name: str) -> list[str]:
+    """What was measured of scheduler `name` at its defaults ('auto': the auto row), one line per table, as
+    'ddpmkit schedulers' prints it: the exact-score model (samplers_table) and FID on the bundled model."""
+    figures = measured_figures()
+    real = figures["real_model"]
+    lines = []
+    if name != AUTO:
+        _, steps, options = resolve(name)
+        exact = (figures["exact_score"] or {}).get("schedulers", {})
+        lines.append(_exact_score_line(exact.get(name), steps, options))
+    if real:
+        where = (f"FID on {real['model']} at {real['num_images']} images (benchmarks/quality_per_step.py): "
+                 if name == AUTO else f"FID on {real['model']}: ")
+        lines.append(where + _real_model_line(real, name))
+    return lines
+
+
+def _exact_score_line(entry: dict | None, steps: int, options: dict) -> str:
+    """This scheduler's defaults on the exact-score model (benchmarks/samplers_table.py)."""
+    if not entry:
+        return "exact-score model: not measured"
+    if entry["steps"] != steps or entry["options"] != options:
+        return "exact-score model: measured at other settings (rerun 'make samplers-table')"
+    lin, cos = entry["linear"], entry["squaredcos_cap_v2"]
+    verdict = "matches ddpm-1000" if entry["matches"] else "outside ddpm-1000's bounds"
+    if entry.get("reference"):
+        verdict = "the reference"
+    return (f"exact-score model, linear / cosine: spread {lin['spread']:.3f} / {cos['spread']:.3f}, mode TV "
+            f"{lin['mode_tv']:.3f} / {cos['mode_tv']:.3f}, SWD {lin['swd']:.4f} / {cos['swd']:.4f}, "
+            f"{entry['nfe']} model calls: {verdict}")
+
+
+def _real_model_line(real: dict, name: str) -> str:
+    """FID of each measured row of scheduler `name` ('auto': the auto row) on the bundled model."""
+    rows = [r for r in real["rows"] if (r["row"] == "auto" if name == AUTO else r["scheduler"] == name)]
+    if not rows:
+        return "not measured"
+    return "; ".join(f"{r['fid']:.1f} at {settings_words(r['steps'], r['options'])} ({r['nfe']} calls)" for r in rows)
+
+
 def _scheduler_class(name: str):
     if name not in REGISTRY:
         raise UserError(f"unknown scheduler {name!r}: use one of {', '.join(REGISTRY)} (see 'ddpmkit schedulers')")
