@@ -3,10 +3,11 @@ halves of a dataset (the floor) at several counts, which shows how FID's bias fa
 
 Throughput: images/s of `InceptionFeatures` (uint8 in -> resize -> network -> numpy) against the network's
 own forward pass on a batch already prepared, interleaved repeats, median ratio.
-Floors: the two halves are extracted once at the largest count (through the same feature cache
-`ddpmkit eval` uses); each smaller count is the first N of each half, exactly the images `ddpmkit eval
---vs_dataset D --split_fraction 0.5 --num_images N` selects. The figures are also written to the package's
-shipped floors (`src/ddpmkit/eval_floors.json`), so `ddpmkit eval` prints them beside a model's FID.
+Floors: the two halves (`evaluation.dataset_halves`) are extracted once at the largest count through the same
+feature cache `ddpmkit eval` uses (`evaluation.cached_features`); each smaller count is the first N of each half,
+exactly the images `ddpmkit eval --vs_dataset D --split_fraction 0.5 --num_images N` selects. The figures are also
+written to the package's shipped floors (`evaluation.write_shipped_floors`: src/ddpmkit/eval_floors.json), so
+`ddpmkit eval` prints them beside a model's FID.
 
     .venv/bin/python benchmarks/eval_floors.py                 # emoji at 32x32: 250, 500, 1000, 2000
     .venv/bin/python benchmarks/eval_floors.py --counts 100,200 --no_ship   # a smoke run
@@ -78,8 +79,7 @@ def main(argv=None) -> int:
     identity = extractor.identity
 
     largest = counts[-1]
-    halves = [ev.dataset_images(args.dataset, args.image_size, 3, largest, split_fraction=0.5, part=p)
-              for p in ("a", "b")]
+    halves = ev.dataset_halves(args.dataset, args.image_size, 3, largest)
     previous = Path(args.out).with_suffix(".json")
     if args.skip_throughput and previous.exists():
         tp = json.loads(previous.read_text())["throughput"]
@@ -90,13 +90,10 @@ def main(argv=None) -> int:
 
     cache = ev.FeatureCache(args.cache_dir)
     features, extract_seconds = [], 0.0
-    for half in halves:
-        f = cache.load(half, identity)
-        if f is None:
-            t = time.perf_counter()
-            f = extractor(half.images, desc=f"features ({half.describe['part']})")
-            extract_seconds += time.perf_counter() - t
-            cache.save(half, identity, f)
+    for half in halves:  # through the cache `ddpmkit eval` uses: a second run reads them
+        t = time.perf_counter()
+        f, status = ev.cached_features(half, extractor, cache, desc=f"features ({half.describe['part']})")
+        extract_seconds += time.perf_counter() - t if status == "computed" else 0.0
         features.append(f)
     n_max = min(len(h) for h in halves)
     rows, shipped = [], {}
@@ -106,15 +103,13 @@ def main(argv=None) -> int:
             print(f"skip {count}: each half has {n_max} images")
             continue
         t = time.perf_counter()
-        m = ev.compute_metrics(features[0][:count], features[1][:count])
-        row = {"count": count, "fid": m.fid, "kid_mean": m.kid_mean, "kid_std": m.kid_std,
-               "precision": m.precision, "recall": m.recall, "metric_seconds": time.perf_counter() - t}
-        rows.append(row)
+        m = ev.compute_metrics(features[0][:count], features[1][:count])  # the first N of each half: count N's images
+        floor = ev.floor_entry(m, count, 0.5, date)
+        rows.append({k: floor[k] for k in ("count", "fid", "kid_mean", "kid_std", "precision", "recall")}
+                    | {"metric_seconds": time.perf_counter() - t})
         print(f"{count:>5} per side: FID {m.fid:.3f}  KID {m.kid_mean:.5f} ± {m.kid_std:.5f}  "
               f"precision {m.precision:.3f}  recall {m.recall:.3f}", flush=True)
-        key = ev.floor_key(args.dataset, args.image_size, 3, count, "train", identity)
-        shipped[key] = {k: row[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall")} | {
-            "count": count, "split_fraction": 0.5, "measured": date}
+        shipped[ev.floor_key(args.dataset, args.image_size, 3, count, "train", identity)] = floor
 
     result = {"dataset": args.dataset, "image_size": args.image_size, "cpu": cpu_name(), "date": date,
               "torch": torch.__version__, "features": identity, "throughput": tp,
@@ -139,9 +134,7 @@ def main(argv=None) -> int:
               f"| ratio | {t['ratio']['median']:.3f} ({t['ratio']['min']:.3f}-{t['ratio']['max']:.3f}) |", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     if not args.no_ship:
-        floors = json.loads(ev.FLOORS_FILE.read_text()) if ev.FLOORS_FILE.exists() else {}
-        floors.update(shipped)
-        ev.FLOORS_FILE.write_text(json.dumps(floors, indent=1, sort_keys=True) + "\n")
+        ev.write_shipped_floors(shipped)
     print(f"wrote {out.with_suffix('.md')} and .json" + ("" if args.no_ship else f"; floors in {ev.FLOORS_FILE}"))
     return 0
 

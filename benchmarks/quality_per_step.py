@@ -40,8 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ddpmkit.config import DEFAULT_MODEL  # noqa: E402
-from ddpmkit.evaluation import evaluate, weights_sha256  # noqa: E402
-from ddpmkit.models import load_pipeline  # noqa: E402
+from ddpmkit.data import slug  # noqa: E402
+from ddpmkit.evaluation import (dataset_images, evaluate, model_image_size, sample_for_evaluation,  # noqa: E402
+                                weights_sha256)
+from ddpmkit.models import load_pipeline, trained_on  # noqa: E402
+from ddpmkit.sampling import SamplerSettings  # noqa: E402
 from ddpmkit.schedulers import QUALITY_FILE, resolve, settings_label  # noqa: E402
 
 # row id -> (scheduler, steps, options): the rows of issue 11. None / options left out: the scheduler's defaults.
@@ -74,7 +77,7 @@ log = logging.getLogger("quality_per_step")
 
 def setting_key(scheduler: str, steps: int, options: dict) -> str:
     """A file name for a setting: 'dpmpp-karras-order-3-25'."""
-    return re.sub(r"[^a-z0-9]+", "-", settings_label(scheduler, options, steps).replace("++", "pp").lower()).strip("-")
+    return slug(settings_label(scheduler, options, steps).replace("++", "pp"))
 
 
 class CallCounter:
@@ -97,15 +100,21 @@ class CallCounter:
         self.handle.remove()
 
 
+def sampler_settings(scheduler: str, steps: int, options: dict, args) -> SamplerSettings:
+    """A row's sampler: the UNet in fp32 at the --batch_size micro-batch (nothing is timed; no reduced precision)."""
+    return SamplerSettings(scheduler=scheduler, steps=steps, karras=options.get("karras"),
+                           timestep_spacing=options.get("timestep_spacing"), solver_order=options.get("solver_order"),
+                           dtype="fp32", batch_size=args.batch_size)
+
+
 def measure_row(pipe, counter: CallCounter, scheduler: str, steps: int, options: dict, args, dataset: str,
                 per_class: bool) -> dict:
     """One setting: sample num_images, evaluate against the dataset, count the model calls."""
     counter.reset()
     start = time.perf_counter()
-    result = evaluate(pipe, dataset=dataset, num_images=args.num_images, scheduler=scheduler, steps=steps,
-                      seed=args.seed, per_class=per_class, batch_size=args.batch_size, dtype="fp32",
-                      label_column=args.label_column, cache_dir=args.cache_dir, floor=True, device=args.device,
-                      progress=not args.quiet, **options)
+    result = evaluate(pipe, dataset=dataset, num_images=args.num_images, sampler=sampler_settings(scheduler, steps,
+                      options, args), seed=args.seed, per_class=per_class, label_column=args.label_column,
+                      cache_dir=args.cache_dir, floor=True, device=args.device, progress=not args.quiet)
     nfe = counter.rows / result.num_generated  # a CFG pair would count two: this table samples without CFG
     return {"scheduler": scheduler, "steps": steps, "options": options, "label": settings_label(scheduler, options),
             "nfe": int(nfe) if nfe.is_integer() else nfe, "unet_forwards": counter.calls,
@@ -118,17 +127,13 @@ def sample_row(pipe, counter: CallCounter, scheduler: str, steps: int, options: 
                per_class: bool) -> dict:
     """One setting's images without evaluating them: what `evaluate` samples for the row (the same reference
     labels, seed and sampler), for --sample_only."""
-    from ddpmkit.evaluation import _size_and_channels, dataset_images, sample_for_evaluation
-
     counter.reset()
     start = time.perf_counter()
-    image_size, channels = _size_and_channels(pipe, None, None)
+    image_size, channels = model_image_size(pipe)
     reference = dataset_images(dataset, image_size, channels, args.num_images, label_column=args.label_column)
-    sampler = dict(scheduler=scheduler, steps=steps, **{k: options.get(k) for k in ("karras", "timestep_spacing",
-                                                                                    "solver_order")})
-    generated, _, settings = sample_for_evaluation(pipe, getattr(pipe.config, "_name_or_path", None), reference,
-                                                   len(reference), sampler, args.seed, args.batch_size, per_class,
-                                                   None, 1.0, args.device, not args.quiet, "fp32")
+    generated, _, settings = sample_for_evaluation(pipe, reference, len(reference),
+                                                   sampler_settings(scheduler, steps, options, args), args.seed,
+                                                   per_class=per_class, device=args.device, progress=not args.quiet)
     return {"images": generated.images, "labels": generated.labels, "settings": settings,
             "nfe": counter.rows / len(generated), "unet_forwards": counter.calls,
             "sampling_seconds": round(time.perf_counter() - start, 1), "weights_sha256": weights_sha256(pipe.unet),
@@ -139,8 +144,9 @@ def evaluate_samples(saved: dict, scheduler: str, steps: int, options: dict, arg
     """One setting's row from images sampled earlier (--samples): the same reference, so the same FID as sampling
     here would give for those images; no per-class figures (the table does not show them)."""
     start = time.perf_counter()
-    result = evaluate(saved["images"], dataset=dataset, num_images=args.num_images, label_column=args.label_column,
-                      cache_dir=args.cache_dir, floor=True, device=args.device, progress=not args.quiet)
+    result = evaluate(images=saved["images"], dataset=dataset, num_images=args.num_images,
+                      label_column=args.label_column, cache_dir=args.cache_dir, floor=True, device=args.device,
+                      progress=not args.quiet)
     nfe = saved["nfe"]
     evaluation = result.to_dict()
     evaluation["settings"]["model"] = {"weights_sha256": saved["weights_sha256"], **saved["settings"],
@@ -301,14 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     wanted = args.rows.split(",") if args.rows else list(ROWS)
     pipe = load_pipeline(args.model, device=args.device)
-    meta = Path(pipe.config._name_or_path) / "ddpmkit.json"
-    dataset = args.dataset or (json.loads(meta.read_text()).get("dataset") if meta.is_file() else None)
+    dataset = args.dataset or trained_on(pipe.config._name_or_path)
     if dataset is None:
         raise SystemExit("give --dataset: the model has no ddpmkit.json naming the data it was trained on")
     per_class = bool(pipe.unet.config.num_class_embeds)
     sha = weights_sha256(pipe.unet)
-    slug = lambda text: re.sub(r"[^A-Za-z0-9]+", "-", Path(str(text)).name).strip("-")  # noqa: E731
-    folder = Path(args.runs) / f"{slug(args.model)}-{sha[:12]}-{slug(dataset)}-n{args.num_images}-seed{args.seed}"
+    name = lambda text: slug(Path(str(text)).name)  # noqa: E731
+    folder = Path(args.runs) / f"{name(args.model)}-{sha[:12]}-{name(dataset)}-n{args.num_images}-seed{args.seed}"
     folder.mkdir(parents=True, exist_ok=True)
     exact = exact_score_lookup()
     counter = CallCounter(pipe.unet)

@@ -3,6 +3,7 @@ an independent numpy/scipy computation, their behaviour on known cases, the feat
 conditioned models, and every input mistake as one line with exit code 2."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -11,15 +12,16 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import make_micro_unet, save_plain_pipeline, write_images
+from conftest import make_micro_unet, save_plain_pipeline
 from PIL import Image
 
 from ddpmkit import evaluation
-from ddpmkit.images import to_uint8_nchw
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from ddpmkit.evaluation import (EvalResult, FeatureCache, ImageSet, InceptionFeatures, evaluate, fid_from_features,
                                 kid_from_features, precision_recall)
+from ddpmkit.images import to_uint8_nchw
+from ddpmkit.sampling import SamplerSettings
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -105,18 +107,19 @@ def clean_fid_features(images: torch.Tensor) -> np.ndarray:
 @pytest.mark.slow  # 200 more Inception passes and scipy.linalg.sqrtm of a 2048 x 2048 matrix: a minute on 2 cores
 def test_fid_equals_an_independent_clean_fid_computation(shape_features):
     """ddpmkit's FID of discs vs squares (its resize, network call and Frechet distance) against clean-fid's clean mode
-    rebuilt from its source with scipy's sqrtm (pytorch-fid's formula): within 1%. torch's bicubic, ddpmkit's earlier
-    resize, stays reachable with other features."""
+    rebuilt from its source with scipy's sqrtm (pytorch-fid's formula): within 1%. torch's antialiased bicubic,
+    ddpmkit's earlier resize, stays reachable and is cached apart."""
     disc_images, square_images, discs, squares = shape_features
     reference = scipy_fid(clean_fid_features(disc_images), clean_fid_features(square_images))
     ours = fid_from_features(discs, squares)
     assert ours > 1.0  # two different shape sets are far apart
     assert abs(ours - reference) <= 0.01 * reference, (ours, reference)
     assert abs(fid_from_features(discs, squares) - scipy_fid(discs, squares)) <= 1e-3 * reference  # the distance alone
-    # ddpmkit's earlier resize (torch's bicubic) stays reachable, gives other features, and is cached apart
+    # ddpmkit's earlier resize (torch's antialiased bicubic) stays reachable and is cached apart. It is Keys' cubic
+    # with a = -0.5 as PIL's (torch's antialias path), computed differently: the features differ by float rounding
     old = InceptionFeatures(device="cpu", resize="torch-bicubic")
     assert old.identity["resize"] != InceptionFeatures(device="cpu").identity["resize"]
-    assert np.abs(old(disc_images[:4], progress=False) - discs[:4]).max() > 1e-2
+    assert 0 < np.abs(old(disc_images[:4], progress=False) - discs[:4]).max() < 1e-3
 
 
 def test_identical_sets_give_zero_and_noise_a_monotone_larger_fid(shape_features, inception):
@@ -170,32 +173,29 @@ def test_evaluate_tensor_against_folder_uses_the_cache_and_invalidates_it(tmp_pa
     folder = save_folder(shapes(24, "disc", size=16, seed=3), tmp_path / "data")
     features = PixelFeatures()
     fake = shapes(20, "square", size=16, seed=4)
-    first = evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
-                     progress=False, kid_subset_size=10)
+    same = dict(dataset=str(folder), cache_dir=tmp_path / "cache", features=features, progress=False,
+                kid_subset_size=10)
+    first = evaluate(images=fake, num_images=20, **same)
     assert features.calls == [20, 20] and first.settings["reference_cache"] == "computed"
-    again = evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
-                     progress=False, kid_subset_size=10)
+    again = evaluate(images=fake, num_images=20, **same)
     assert features.calls == [20, 20, 20]  # only the generated side: the reference came from the cache
     assert again.settings["reference_cache"] == "reused" and again.fid == pytest.approx(first.fid, rel=1e-12)
     # another count (the folder's first 16 of the tensor's 20 images -> 16 reference images) recomputes
-    evaluate(fake[:16], dataset=str(folder), cache_dir=tmp_path / "cache", features=features, progress=False,
-             kid_subset_size=10)
-    assert features.calls[-2:] == [16, 16]
+    other_count = evaluate(images=fake[:16], **same)
+    assert features.calls[-2:] == [16, 16] and other_count.settings["reference_cache"] == "computed"
     # another size recomputes too
-    evaluate(fake, dataset=str(folder), num_images=20, image_size=8, cache_dir=tmp_path / "cache",
-             features=features, progress=False, kid_subset_size=10)
-    assert features.calls[-2:] == [20, 20]
-    # a changed dataset (one image replaced) recomputes
+    other_size = evaluate(images=fake, num_images=20, image_size=8, **same)
+    assert features.calls[-2:] == [20, 20] and other_size.settings["reference_cache"] == "computed"
+    # a changed dataset (one image replaced) recomputes: the reference of the first call is not reused
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(sorted(folder.glob("*.png"))[0])
-    evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
-             progress=False, kid_subset_size=10)
-    assert features.calls[-2:] == [20, 20]
+    changed = evaluate(images=fake, num_images=20, **same)
+    assert features.calls[-2:] == [20, 20] and changed.settings["reference_cache"] == "computed"
+    assert changed.fid != pytest.approx(first.fid, rel=1e-9)  # the new reference's figure, not the cached one's
     # a corrupt cache file is recomputed with a warning, never trusted
     for path in (tmp_path / "cache" / "eval").glob("features-*.npz"):
         path.write_bytes(path.read_bytes()[:100])
     caplog.set_level(logging.WARNING)
-    redo = evaluate(fake, dataset=str(folder), num_images=20, cache_dir=tmp_path / "cache", features=features,
-                    progress=False, kid_subset_size=10)
+    redo = evaluate(images=fake, num_images=20, **same)
     assert features.calls[-2:] == [20, 20] and "corrupt" in caplog.text
     assert redo.settings["reference_cache"] == "computed"
 
@@ -225,31 +225,48 @@ def test_floor_is_disjoint_recorded_and_printed_beside_a_later_figure(tmp_path):
     floor = evaluate(vs_dataset=str(folder), dataset=str(folder), split_fraction=0.5, num_images=20, image_size=16,
                      cache_dir=tmp_path / "cache", features=features, progress=False, kid_subset_size=10)
     assert floor.num_generated == floor.num_reference == 20 and floor.settings["is_floor"]
-    later = evaluate(shapes(20, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
+    later = evaluate(images=shapes(20, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
                      features=features, progress=False, kid_subset_size=10)
     assert later.floor is not None and later.floor["fid"] == pytest.approx(floor.fid)
     assert "floor" in later.lines()[0] and f"{floor.fid:.2f}" in later.lines()[0]
-    other_count = evaluate(shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
+    other_count = evaluate(images=shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
                            features=features, progress=False, kid_subset_size=5)
     assert other_count.floor is None and "not known" in other_count.lines()[0]
-    measured = evaluate(shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
+    measured = evaluate(images=shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
                         features=features, progress=False, kid_subset_size=5, floor=True)
     assert measured.floor is not None and measured.floor["count"] == 10
+
+
+def test_shipped_floors_are_added_by_one_function_and_printed_beside_a_figure(tmp_path, monkeypatch):
+    from ddpmkit.evaluation import cache
+
+    folder = save_folder(shapes(20, "disc", size=16, seed=5), tmp_path / "data")
+    features = PixelFeatures()
+    shipped = tmp_path / "eval_floors.json"
+    shipped.write_text(json.dumps({"other|train|32px|3ch|10|x|y": {"fid": 1.0}}))
+    key = evaluation.floor_key(str(folder), 16, 3, 10, "train", features.identity)
+    entry = evaluation.floor_entry(evaluation.Metrics(9.5, 0.001, 0.0005, 0.8, 0.7), 10, 0.5, "2026-01-01")
+    assert evaluation.write_shipped_floors({key: entry}, shipped) == shipped
+    assert json.loads(shipped.read_text()) == {"other|train|32px|3ch|10|x|y": {"fid": 1.0}, key: entry}
+    monkeypatch.setattr(cache, "FLOORS_FILE", shipped)
+    result = evaluate(images=shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
+                      features=features, progress=False, kid_subset_size=5)
+    assert result.floor == entry and "(floor 9.50: two disjoint samples" in result.lines()[0]
 
 
 def test_model_evaluation_records_what_reproduces_it(tmp_path):
     pipe = save_plain_pipeline(tmp_path / "pipe", sample_size=8)
     folder = save_folder(shapes(12, "disc", size=8), tmp_path / "data")
     features = PixelFeatures()
-    result = evaluate(str(pipe), dataset=str(folder), num_images=12, scheduler="ddim", steps=3, seed=7,
-                      batch_size=5, cache_dir=tmp_path / "cache", features=features, progress=False,
-                      kid_subset_size=6)
+    sampler = SamplerSettings(scheduler="ddim", steps=3, batch_size=5)
+    result = evaluate(str(pipe), dataset=str(folder), num_images=12, sampler=sampler, seed=7,
+                      cache_dir=tmp_path / "cache", features=features, progress=False, kid_subset_size=6)
     model = result.settings["model"]
     assert (model["scheduler"], model["steps"], model["seed"], model["batch_size"], model["nfe"]) == ("ddim", 3, 7, 5, 3)
     assert len(model["weights_sha256"]) == 64 and model["name"] == str(pipe)
     assert result.settings["reference"]["count"] == 12 and result.settings["features"] == features.identity
     assert np.isfinite([result.fid, result.kid_mean, result.precision, result.recall]).all()
-    again = evaluate(str(pipe), dataset=str(folder), num_images=12, scheduler="ddim", steps=3, seed=7, batch_size=5,
+    again = evaluate(str(pipe), dataset=str(folder), num_images=12, sampler=sampler, seed=7,
                      cache_dir=tmp_path / "cache", features=features, progress=False, kid_subset_size=6)
     assert again.fid == result.fid  # same seed, same images, same figure
     saved = json.loads(result.save(tmp_path / "r.json").read_text())
@@ -266,15 +283,15 @@ def test_per_class_figures_of_a_class_conditioned_model(tmp_path):
     data = tmp_path / "labelled"
     save_folder(shapes(10, "disc", size=8), data / "discs")
     save_folder(shapes(6, "square", size=8), data / "squares")
-    result = evaluate(str(folder), dataset=str(data), label_column="folder", per_class=True, scheduler="ddim",
-                      steps=2, cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False,
-                      kid_subset_size=5)
+    ddim = SamplerSettings(scheduler="ddim", steps=2)
+    result = evaluate(str(folder), dataset=str(data), label_column="folder", per_class=True, sampler=ddim,
+                      cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False, kid_subset_size=5)
     assert set(result.per_class) == {"discs", "squares"}
     assert (result.per_class["discs"]["num_reference"], result.per_class["squares"]["num_reference"]) == (10, 6)
     assert result.per_class["discs"]["num_generated"] == 10 and result.per_class["squares"]["fid"] is not None
     assert any(line.startswith("class      discs: FID") for line in result.lines())
-    one = evaluate(str(folder), dataset=str(data), label_column="folder", class_label="squares", scheduler="ddim",
-                   steps=2, cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False, kid_subset_size=5)
+    one = evaluate(str(folder), dataset=str(data), label_column="folder", class_label="squares", sampler=ddim,
+                   cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False, kid_subset_size=5)
     assert one.num_reference == 6 and one.num_generated == 6 and one.settings["model"]["class_labels"] == [1]
 
 
@@ -305,6 +322,7 @@ def test_eval_command_on_the_real_network_prints_one_line_per_figure(tmp_path, c
     (["--vs_dataset", "DATA", "--dataset", "DATA", "--split_fraction", "1.5"], "between 0 and 1"),
     (["--images", "DATA", "--dataset", "DATA", "--out", "r.txt"], "must end in .json"),
     (["--images", "DATA", "--dataset", "DATA", "--per_class"], "need --model"),
+    (["--images", "PIPE", "--dataset", "DATA"], "is a pipeline folder, not a folder of images: use --model"),
     (["--model", "PIPE", "--dataset", "DATA", "--per_class"], "class-conditioned"),
     (["--model", "PIPE", "--dataset", "DATA", "--steps", "0"], "at least 1"),
     (["--model", "PIPE", "--images", "DATA", "--dataset", "DATA"], "not allowed with"),
@@ -324,8 +342,8 @@ def test_eval_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, expected)
 
 
 def test_missing_extra_is_one_line(tmp_path, capsys, monkeypatch):
-    real = evaluation.importlib.util.find_spec
-    monkeypatch.setattr(evaluation.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == evaluation.FEATURE_PACKAGE else real(name, *a))
     save_folder(shapes(4, "disc", size=8), tmp_path / "data")
     code = main(["eval", "--images", str(tmp_path / "data"), "--dataset", str(tmp_path / "data")])
@@ -334,9 +352,60 @@ def test_missing_extra_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_eval_result_lines_name_every_figure():
-    result = EvalResult(12.3456, 0.01, 0.002, 0.7, 0.6, 100, 100, 3.0, settings={"reference": {"dataset": "emoji",
-                        "image_size": 32}}, timings={"features": 2.0})
-    text = "\n".join(result.lines())
-    assert "FID        12.346" in text and "KID        0.01000 ± 0.00200" in text and "emoji, 32x32" in text
-    with pytest.raises(UserError):
-        evaluate(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), dataset="emoji", features=PixelFeatures())
+    floor = {"fid": 17.2, "kid_mean": 0.00003, "kid_std": 0.0001, "precision": 0.875, "recall": 0.866, "count": 100}
+    per_class = {"flags": {"fid": 40.5, "kid_mean": 0.0123, "kid_std": 0.0011, "num_generated": 60,
+                           "num_reference": 60},
+                 "rare": {"fid": None, "kid_mean": None, "kid_std": None, "num_generated": 1, "num_reference": 1}}
+    reference = {"reference": {"dataset": "emoji", "image_size": 32}}
+    result = EvalResult(12.3456, 0.01, 0.002, 0.7, 0.6, 100, 100, 3.0, floor=floor, per_class=per_class,
+                        settings=reference, timings={"features": 2.0, "metrics": 0.5})
+    assert result.lines() == [
+        "FID        12.346   (floor 17.20: two disjoint samples of emoji at 100 images)",
+        "KID        0.01000 ± 0.00200   (floor 0.00003)",
+        "precision  0.700   (floor 0.875)",
+        "recall     0.600   (floor 0.866)",
+        "images     100 evaluated, 100 reference (emoji, 32x32)",
+        "class      flags: FID 40.50, KID 0.0123 ± 0.0011 (60 vs 60 images)",
+        "class      rare: FID n/a (1 vs 1 images)",
+        "time       3.0 s (features 2.0 s, metrics 0.5 s)"]
+    # no floor: the figures alone, and the FID line says why there is none
+    unknown = EvalResult(12.3456, 0.01, 0.002, 0.7, 0.6, 100, 100, 3.0, settings=reference, timings={"features": 2.0})
+    assert unknown.lines()[:4] == [
+        "FID        12.346   (floor: not known for this dataset, size and count; measure it with --floor)",
+        "KID        0.01000 ± 0.00200", "precision  0.700", "recall     0.600"]
+    is_floor = EvalResult(17.2, 0.0, 0.0, 0.9, 0.9, 100, 100, 1.0, settings={**reference, "is_floor": True})
+    assert is_floor.lines()[0] == ("FID        17.200   (this is the floor: two disjoint samples of emoji; recorded "
+                                   "for later runs at 100 images)")
+    one_class = EvalResult(50.0, 0.1, 0.01, 0.5, 0.5, 6, 6, 1.0, settings={
+        "reference": {"dataset": "emoji", "image_size": 32, "class": "flags"}, "model": {"class_labels": [1]}})
+    assert one_class.lines()[0] == "FID        50.000   (one class: no floor)"
+    with pytest.raises(UserError, match="at least 2 images"):
+        evaluate(images=torch.zeros(1, 3, 8, 8, dtype=torch.uint8), dataset="emoji", features=PixelFeatures())
+
+
+def test_images_folder_skips_a_decompression_bomb_and_a_truncated_file_in_one_line(tmp_path, capsys, caplog):
+    """An --images folder is read by the opener training uses: bad files (here sorted first, so that the size
+    probe meets them first) are skipped and named in one line; a folder of nothing else is one error line."""
+    from test_bad_images import _png_bomb
+
+    folder = tmp_path / "images"
+    save_folder(shapes(8, "square", size=16, seed=6), folder / "z")
+    _png_bomb(folder / "a_bomb.png", 12_000)  # 144 Mpx: over Pillow's limit, where Pillow itself only warns
+    _png_bomb(folder / "b_bomb_huge.png", 20_000)  # 400 Mpx: where Pillow raises DecompressionBombError
+    png = (folder / "z" / "0000.png").read_bytes()
+    (folder / "c_truncated.png").write_bytes(png[:len(png) // 2])
+    (folder / "d_text.png").write_text("this is not a picture\n")
+    data = save_folder(shapes(12, "disc", size=16), tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="ddpmkit"):
+        result = evaluate(images=str(folder), dataset=str(data), cache_dir=tmp_path / "cache",
+                          features=PixelFeatures(), progress=False, kid_subset_size=4)
+    assert result.num_generated == 8 and result.settings["images"]["skipped"] == 4
+    assert result.settings["images"]["image_size"] == 16  # the first usable image's size, not a bomb's
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "skipped 4 of 12 images" in warnings[0], warnings
+
+    for good in (folder / "z").iterdir():
+        good.unlink()
+    code = main(["-q", "eval", "--images", str(folder), "--dataset", str(data), "--cache_dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err and "no readable image" in err, err
