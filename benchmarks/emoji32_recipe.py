@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from ddpmkit import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "recipe"
@@ -45,7 +47,7 @@ def rate(preset: str) -> float:
     """Training images/s of a preset on this machine (20 steps after 5 warm-up steps)."""
     out = RUNS / f".rate_{preset}"
     ddpmkit("-q", "train", *COMMON, "--preset", preset, "--max_steps", "25", "--output_dir", str(out))
-    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    log = runs.read_loss_log(out)
     return 20 * 64 / (log[-1]["train_s"] - log[4]["train_s"])
 
 
@@ -79,7 +81,7 @@ def main() -> None:
         if not result.exists():
             ddpmkit("-q", *eval_cmd, threads=threads)
         figures = json.loads(result.read_text())
-        log = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+        log = runs.read_loss_log(run)
         return {"name": name, "preset": preset, "what": what, "steps": steps, "images_seen": steps * 64,
                 "train_minutes": round(log[-1]["train_s"] / 60, 2),
                 "final_loss_mean_last50": sum(r["loss"] for r in log[-50:]) / len(log[-50:]),

@@ -6,7 +6,7 @@ medians too. The measures:
 
   loop efficiency   images/s of ddpmkit's Trainer / images/s of the bare step (forward + MSE + backward + AdamW
                     on tensors already on the device), tiny and course32 at 32x32, batch 64. The bare step runs
-                    inside the trainer's own loop, just before each of its steps, so the two are interleaved.
+                    between the trainer's steps (its step callback), so the two are interleaved.
   model efficiency  FLOP/s of the bare step (FlopCounterMode) / a large torch.mm in the same run; the top
                     operators of course32's step from torch.profiler.
   sampling          ddpmkit sample / DDPMPipeline (ddpm) and / DDIMPipeline (ddim), 64 images, float32
@@ -168,43 +168,35 @@ def random_image_data(n: int = 1024, size: int = 32):
 
 
 def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Path, mixed_precision: str = "no") -> dict:
-    """Trainer step time vs bare step time, interleaved inside one training run: before each trainer step a
-    torch.mm peak and the bare step run once (each timed on its own); the trainer's time is its loop iteration
-    minus those. The same bare steps over the peaks give the model efficiency (FLOPs from FlopCounterMode)."""
+    """Trainer step time vs bare step time, interleaved inside one training run: after each trainer step (the step
+    callback) a torch.mm peak and the bare step run once, each timed on its own; the trainer's time of a step is
+    from the end of one callback to the start of the next (its whole loop iteration). The same bare steps over the
+    peaks give the model efficiency (FLOPs from FlopCounterMode)."""
     from ddpmkit.config import TrainConfig
     from ddpmkit.trainer import Trainer
 
     config = TrainConfig(dataset="random", preset=preset, image_size=32, batch_size=batch, max_steps=repeats + 2,
                          device="cpu" if device == "cpu" else "cuda", output_dir=str(work / f"loop-{preset}-{batch}"),
                          num_sample_images=1, sample_steps=1, mixed_precision=mixed_precision, seed=0)
-    trainer = Trainer(config.validate(), data=random_image_data(max(1024, 4 * batch)))
     bare = bare_step(preset, batch, device, autocast_bf16=mixed_precision == "bf16")
     bare()
-    marks, bare_times, peaks, peak_times = [], [], [], []
-    run_step, save = trainer.run_step, trainer.save
+    trainer_times, bare_times, peaks, step_ended = [], [], [], []
     mm_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
-    def run_step_with_bare(batch_):
-        start = time.perf_counter()
-        peaks.append(matmul_peak(device, mm_dtype))
-        peak_times.append(time.perf_counter() - start)
-        bare_times.append(timed(bare, device))
+    def between_steps(info: dict) -> None:
         sync(device)
-        marks.append(time.perf_counter())
-        return run_step(batch_)
-
-    def save_marked(*args, **kwargs):
+        if step_ended:  # the trainer's step that just ended began when the previous callback returned
+            trainer_times.append(time.perf_counter() - step_ended[-1])
+        if info["step"] < config.max_steps:  # the peak and the bare step, interleaved with the next trainer step
+            peaks.append(matmul_peak(device, mm_dtype))
+            bare_times.append(timed(bare, device))
         sync(device)
-        marks.append(time.perf_counter())
-        return save(*args, **kwargs)
+        step_ended.append(time.perf_counter())
 
-    trainer.run_step, trainer.save = run_step_with_bare, save_marked
-    trainer.run()
-    # mark i: start of trainer step i (after its bare step); iteration i ends at the bare step of i + 1
-    trainer_times = [marks[i + 1] - marks[i] - (bare_times[i + 1] + peak_times[i + 1] if i + 1 < len(bare_times)
-                                                else 0.0) for i in range(len(marks) - 1)]
-    trainer_times, bare_kept, peaks = trainer_times[1:], bare_times[1:len(trainer_times)], peaks[1:len(trainer_times)]
-    ratios = [b / t for b, t in zip(bare_kept, trainer_times)]  # first step dropped above: a warm-up
+    Trainer(config.validate(), data=random_image_data(max(1024, 4 * batch)), callback=between_steps).run()
+    # trainer_times[i] is step i + 2, bare_times[i] and peaks[i] were measured just before it; the first: a warm-up
+    trainer_times, bare_kept, peaks = trainer_times[1:], bare_times[1:], peaks[1:]
+    ratios = [b / t for b, t in zip(bare_kept, trainer_times)]
     flops = step_flops(preset, batch, device)
     loop = {"preset": preset, "batch": batch, "mixed_precision": mixed_precision, "ratio": summary(ratios),
             "trainer_images_per_s": summary([batch / t for t in trainer_times], 1),
@@ -388,16 +380,13 @@ def ddpmkit_loop(dataset: str, preset: str, batch: int, steps: int, device: str,
     config = TrainConfig(dataset=dataset, preset=preset, image_size=32, batch_size=batch, max_steps=steps,
                          device="cpu" if device == "cpu" else "cuda", output_dir=str(work / "vs-course"),
                          cache_dir=str(cache), num_sample_images=1, sample_steps=1, seed=0)
-    trainer = Trainer(config.validate())
-    marks, periodic = [], trainer._periodic
+    marks = []
 
-    def periodic_marked():  # runs once per optimizer step, after its logging: the end of a step
+    def step_ended(info: dict) -> None:  # the step callback: after each optimizer step, its logging and saves
         sync(device)
         marks.append(time.perf_counter())
-        periodic()
 
-    trainer._periodic = periodic_marked
-    trainer.run()
+    Trainer(config.validate(), callback=step_ended).run()
     return [b - a for a, b in zip(marks, marks[1:])]  # from the second step on: the first is a warm-up
 
 

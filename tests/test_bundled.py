@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ddpmkit
+from ddpmkit import runs
 from ddpmkit.cli import main
 from ddpmkit.config import DEFAULT_MODEL
 from ddpmkit.models import bundled_models, list_models, model_path
@@ -31,7 +32,7 @@ def test_bundled_model_ships_in_the_package():
     assert FOLDER.parent == Path(ddpmkit.__file__).parent / "pretrained"
     size = sum(f.stat().st_size for f in FOLDER.rglob("*") if f.is_file())
     assert size < 11 * 2**20, f"the bundled model takes {size / 2**20:.1f} MB: the budget is about 10 MB"
-    for name in ("model_index.json", "ddpmkit.json", "README.md", "samples.png", "eval.json", WEIGHTS,
+    for name in ("model_index.json", runs.META_FILE, "README.md", "samples.png", "eval.json", WEIGHTS,
                  "unet/config.json", "scheduler/scheduler_config.json"):
         assert (FOLDER / name).is_file(), name
     assert not list(FOLDER.rglob("*.bin")), "weights must be safetensors only"
@@ -41,7 +42,7 @@ def test_weights_hash_matches_the_model_card():
     digest = hashlib.sha256((FOLDER / WEIGHTS).read_bytes()).hexdigest()
     card = (FOLDER / "README.md").read_text()
     assert re.findall(r"sha256 `([0-9a-f]{64})`", card) == [digest]
-    assert json.loads((FOLDER / "ddpmkit.json").read_text())["weights_sha256"] == digest
+    assert runs.read_meta(FOLDER)["weights_sha256"] == digest
 
 
 def test_shipped_sampler_figures_and_eval_are_of_the_bundled_weights():
@@ -64,7 +65,7 @@ def test_plain_diffusers_loads_it_in_float32_and_the_course_loop_gives_finite_im
     pipe = DDPMPipeline.from_pretrained(FOLDER)
     unet = pipe.unet
     assert all(p.dtype == torch.float32 for p in unet.parameters())
-    meta = json.loads((FOLDER / "ddpmkit.json").read_text())
+    meta = runs.read_meta(FOLDER)
     assert unet.config.sample_size == 32 and unet.config.in_channels == 3
     assert unet.config.num_class_embeds == len(meta["class_names"]) + 1 == meta["null_class"] + 1
     # float16 on disk: every float32 weight is exactly a float16 value

@@ -12,9 +12,10 @@ from PIL import Image
 from ddpmkit.cli import main
 from ddpmkit.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, ImageData, load_fashion_mnist, load_image_data
 from ddpmkit.errors import UserError
-from ddpmkit.guidance import ColorLoss, Guide, LossGuidance, class_names, resolve_class_label
+from ddpmkit import runs
+from ddpmkit.guidance import ColorLoss, Guide, LossGuidance
 from ddpmkit.images import make_grid
-from ddpmkit.models import load_pipeline
+from ddpmkit.models import class_names, load_pipeline, resolve_class_label
 from ddpmkit.sampling import sample
 from ddpmkit.trainer import train
 
@@ -68,7 +69,7 @@ def test_saved_model_is_plain_diffusers_with_class_names(toy_model):
     unet = UNet2DModel.from_pretrained(toy_model / "unet")
     assert unet.config.num_class_embeds == 3  # two classes and the null class
     assert class_names(toy_model) == NAMES
-    assert json.loads((toy_model / "ddpmkit.json").read_text())["null_class"] == 2
+    assert runs.read_meta(toy_model)["null_class"] == 2
 
 
 def test_cfg_above_one_gives_the_right_class(toy_model):

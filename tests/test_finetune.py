@@ -14,6 +14,7 @@ from diffusers import DDPMPipeline
 from PIL import Image
 
 from conftest import save_plain_pipeline
+from ddpmkit import runs
 from ddpmkit.cli import build_parser, config_from_args, main
 from ddpmkit.config import TrainConfig
 from ddpmkit.data import load_image_data
@@ -81,7 +82,7 @@ def run(tmp_path_factory):
 
 
 def test_finetune_lowers_the_loss_on_the_new_data(run):
-    records = [json.loads(line) for line in (run.out / "loss.jsonl").read_text().splitlines()]
+    records = runs.read_loss_log(run.out)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     first, last = np.mean([r["loss"] for r in records[:6]]), np.mean([r["loss"] for r in records[-6:]])
     assert last < 0.85 * first, (first, last)
@@ -100,8 +101,8 @@ def test_step_pipelines_keep_counting_across_epochs_and_load_in_plain_diffusers(
     for folder in [run.final / "step_8", run.final / "step_16", run.final]:
         pipe = DDPMPipeline.from_pretrained(folder)
         assert pipe.unet.config.sample_size == 16  # saved at the training resolution
-        assert json.loads((folder / "train_config.json").read_text())["init_from"] == str(run.base)
-        meta = json.loads((folder / "ddpmkit.json").read_text())
+        assert runs.read_train_config(folder)["init_from"] == str(run.base)
+        meta = runs.read_meta(folder)
         assert meta["base_model"] == str(run.base)
         assert meta["step"] == (int(folder.name.split("_")[1]) if folder.name.startswith("step_") else STEPS)
     step8, step16 = (DDPMPipeline.from_pretrained(run.final / f"step_{n}").unet.state_dict() for n in (8, 16))
@@ -164,7 +165,7 @@ def test_train_init_from_and_finetune_start_model_are_one_code_path(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # same loop, same seed: the same weights
     assert any(not torch.equal(a[k], original[k]) for k in a)
     for run_dir in (tmp_path / "a", tmp_path / "b"):  # both used the fine-tuning learning rate 1e-5
-        assert json.loads((run_dir / "loss.jsonl").read_text().splitlines()[0])["lr"] == pytest.approx(1e-5)
+        assert runs.read_loss_log(run_dir)[0]["lr"] == pytest.approx(1e-5)
 
 
 def test_failed_push_after_training_exits_2_and_keeps_the_pipeline(tmp_path, capsys, monkeypatch):
@@ -194,7 +195,7 @@ def test_course_command_parses_with_the_course_values():
         "--wandb_project", "dm_finetune", "--lr", "2e-5", "--seed", "3", "--use_ema",
         "--mixed_precision", "bf16", "--output_dir", "runs/vintage"])
     config = config_from_args(TrainConfig, more).validate()
-    assert (config.wandb_project, config.lr, config.device, config.seed) == ("dm_finetune", 2e-5, "cpu", 3)
+    assert (config.wandb_project, config.lr, config.device, config.seed) == ("dm_finetune", 2e-5, "auto", 3)
     assert config.use_ema and config.mixed_precision == "bf16" and config.output_dir == "runs/vintage"
 
 

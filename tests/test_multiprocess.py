@@ -17,6 +17,8 @@ import torch
 from conftest import MICRO_UNET, write_images
 from safetensors.torch import load_file
 
+from ddpmkit import runs
+
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -62,7 +64,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "loss.jsonl").read_text().splitlines()]
+    return [r["step"] for r in runs.read_loss_log(run)]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def uninterrupted(root) -> tuple[Path, subprocess.CompletedProcess]:
 def test_torchrun_two_processes_train_one_pipeline_with_equal_weights(uninterrupted):
     run, result = uninterrupted
     assert [p.relative_to(run) for p in run.rglob("model_index.json")] == [Path("model_index.json")]
-    state = json.loads((run / "train_state.json").read_text())
+    state = runs.read_train_state(run)
     assert state["num_processes"] == 2 and state["global_step"] == 12
     checksums = state["weights_checksum_per_process"]
     assert len(checksums) == 2 and checksums[0] == checksums[1], checksums
@@ -105,8 +107,7 @@ def test_torchrun_killed_and_resumed_gives_the_uninterrupted_weights(root, unint
     process = _start(command)
     kill_after = random.Random().randint(4, 7)  # logged steps of 12; the kill lands a little later
     deadline = time.monotonic() + 240
-    while not ((run / "loss.jsonl").exists() and len(_steps(run)) >= kill_after
-               and list(run.glob("checkpoints/step_*/training_state.json"))):
+    while not (len(_steps(run)) >= kill_after and list(run.glob(f"checkpoints/step_*/{runs.CHECKPOINT_MARKER}"))):
         assert process.poll() is None, f"the run ended before the kill:\n{process.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, "timed out waiting for the run to train"
         time.sleep(0.005)
@@ -123,8 +124,8 @@ def test_torchrun_killed_and_resumed_gives_the_uninterrupted_weights(root, unint
     differ = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not differ, f"killed after {reached} logged steps: {len(differ)} tensors differ, e.g. {differ[:3]}"
     assert _steps(run) == list(range(1, 13)), "each step once in loss.jsonl"
-    losses = [json.loads(line)["loss"] for line in (run / "loss.jsonl").read_text().splitlines()]
-    assert losses == [json.loads(line)["loss"] for line in (reference / "loss.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in runs.read_loss_log(run)]
+    assert losses == [r["loss"] for r in runs.read_loss_log(reference)]
 
 
 def _readme_command(prefix: str) -> list[str]:
@@ -154,6 +155,6 @@ def test_the_readmes_torchrun_line_trains_as_two_processes_on_a_cpu(tmp_path):
     assert "2 process(es)" in result.stderr and "1 process(es)" not in result.stderr, result.stderr[-3000:]
     run = tmp_path / "ddp"
     assert [p.relative_to(run) for p in run.rglob("model_index.json")] == [Path("model_index.json")]
-    state = json.loads((run / "train_state.json").read_text())
+    state = runs.read_train_state(run)
     assert state["num_processes"] == 2 and state["global_step"] == 3
     assert state["weights_checksum_per_process"][0] == state["weights_checksum_per_process"][1]

@@ -16,6 +16,7 @@ import torch
 from conftest import write_images
 from safetensors.torch import load_file
 
+from ddpmkit import runs
 from ddpmkit.errors import UserError
 from ddpmkit.models import load_pipeline
 
@@ -57,13 +58,12 @@ def _kill(cli, pid: int) -> str:
 
 
 def _lines(run: Path) -> int:
-    log = run / "loss.jsonl"
+    log = runs.loss_log_path(run)
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def _records(run: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["lr"], r["epoch"]) for r in map(json.loads, (run / "loss.jsonl").read_text()
-                                                                      .splitlines())]
+    return [(r["step"], r["loss"], r["lr"], r["epoch"]) for r in runs.read_loss_log(run)]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(ima
     stderr = _kill(cli, pid)
     assert "starting a new run" in stderr, stderr[-2000:]
     reached = _lines(run)
-    assert list(checkpoints.glob("step_*/training_state.json")), f"killed at step {reached}: no checkpoint yet?"
+    assert list(checkpoints.glob(f"step_*/{runs.CHECKPOINT_MARKER}")), f"killed at step {reached}: no checkpoint yet?"
 
     # 2. inside a checkpoint write: accelerate has written model.safetensors, not yet optimizer.bin
     before = sorted(checkpoints.glob("step_*"))
@@ -107,7 +107,7 @@ def test_sigkill_at_three_points_then_resume_gives_the_uninterrupted_weights(ima
     assert sorted(checkpoints.glob("step_*")) == before, "no complete checkpoint deleted before the new one is done"
     partial = sorted(checkpoints.glob(".tmp_step_*"))
     assert len(partial) == 1 and (partial[0] / "model.safetensors").exists()
-    assert not (partial[0] / "optimizer.bin").exists() and not (partial[0] / "training_state.json").exists()
+    assert not (partial[0] / "optimizer.bin").exists() and not (partial[0] / runs.CHECKPOINT_MARKER).exists()
     paused.unlink()
 
     # 3. inside the final save: unet/ and scheduler/ moved into the run folder, model_index.json not yet
@@ -154,7 +154,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_then_exit_with_one_line(images, fo
     step = int(lines[0].split(" at step ")[1].split()[0])
     checkpoint = run / "checkpoints" / f"step_{step:07d}"
     assert str(checkpoint) in lines[0]
-    assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == step
+    assert runs.read_checkpoint_marker(checkpoint)["global_step"] == step
     assert _lines(run) == step
     if signum == signal.SIGTERM:  # and it resumes from there
         code, stderr = forked_cli.run(*_train_args(images, run, "--max_steps", step + 2, "--resume_from_checkpoint",
@@ -193,8 +193,8 @@ def test_only_a_full_disk_or_quota_asks_for_disk_space(tmp_path, monkeypatch):
     says what failed and where, in one line, and does not blame the disk; the previous pipeline stays loadable."""
     import errno
 
-    from ddpmkit import trainer
-    from ddpmkit.trainer import save_error_advice, train
+    from ddpmkit.runs import save_error_advice
+    from ddpmkit.trainer import train
 
     for code, advice in ((errno.ENOSPC, "free some disk space"), (errno.EDQUOT, "free some disk space"),
                          (errno.ENOENT, "another run writing to the same --output_dir"),
@@ -209,7 +209,7 @@ def test_only_a_full_disk_or_quota_asks_for_disk_space(tmp_path, monkeypatch):
     def vanished(staged, folder):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(folder / "unet"))
 
-    monkeypatch.setattr(trainer, "_commit_pipeline", vanished)
+    monkeypatch.setattr(runs, "commit_pipeline", vanished)
     with pytest.raises(UserError) as err:
         train(_nan_config(tmp_path, max_steps=4, checkpointing_steps=0), data=_random_data())
     message = str(err.value)
@@ -270,7 +270,7 @@ def test_skip_nonfinite_skips_up_to_n_steps(tmp_path, monkeypatch):
     path = train(_nan_config(tmp_path, skip_nonfinite=2), data=_random_data())
     weights = load_file(str(path / WEIGHTS))
     assert all(torch.isfinite(t).all() for t in weights.values())
-    records = [json.loads(line) for line in (path / "loss.jsonl").read_text().splitlines()]
+    records = runs.read_loss_log(path)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["step"] for r in records if r.get("skipped")] == [3, 6] and records[2]["loss"] is None
 
@@ -301,8 +301,9 @@ def test_resume_with_another_number_of_processes_says_it_is_not_exact(tmp_path, 
 
     config = _nan_config(tmp_path, max_steps=4)
     train(config, data=_random_data())
-    marker = tmp_path / "run" / "checkpoints" / "step_0000002" / "training_state.json"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "num_processes": 2}))  # as if from torchrun
+    checkpoint = runs.checkpoints_dir(tmp_path / "run") / "step_0000002"
+    marker = runs.read_checkpoint_marker(checkpoint)
+    runs.write_atomic(checkpoint / runs.CHECKPOINT_MARKER, json.dumps({**marker, "num_processes": 2}))  # from torchrun
     with caplog.at_level(logging.INFO, logger="ddpmkit"):
         train(_nan_config(tmp_path, max_steps=4, resume_from_checkpoint="latest"), data=_random_data())
     assert "written by 2 process(es), this run has 1" in caplog.text and "not exactly the one" in caplog.text

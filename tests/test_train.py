@@ -1,8 +1,8 @@
 """The one training loop: a step changes the weights, seeds reproduce, accumulation scales the loss, targets follow
-prediction_type, EMA is what gets saved, checkpoints resume at the right step, and plain diffusers loads the result."""
+prediction_type, Min-SNR weights follow the paper, EMA is what gets saved, checkpoints resume at the right step, the
+step callback sees every step, and plain diffusers loads the result."""
 from __future__ import annotations
 
-import importlib
 import json
 import types
 from pathlib import Path
@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from ddpmkit import runs
 from ddpmkit.config import TrainConfig
 from ddpmkit.data import ImageData
-from ddpmkit.trainer import Trainer, train
+from ddpmkit.models import new_noise_scheduler
+from ddpmkit.trainer import Trainer, loss_target, min_snr_weights, train
 
-train_module = importlib.import_module("ddpmkit.trainer")
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
@@ -43,33 +44,22 @@ def _state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-class FixedRandom(types.ModuleType):
-    """Stands in for `torch` inside ddpmkit.trainer: noise and timesteps come from fixed tables, handed out in order.
+class FixedNoise:
+    """Stands in for `Trainer.draw_noise`: noise and timesteps come from fixed tables, handed out in order.
 
     The same table rows go to the same images whatever the micro-batch size, so accumulated and full-batch
     steps see identical (x0, eps, t) triples.
     """
 
-    def __init__(self, noise: torch.Tensor, timesteps: torch.Tensor, optimizer_cls=None):
-        super().__init__("torch")
-        self.noise, self.timesteps, self.used_noise, self.used_t = noise, timesteps, 0, 0
-        if optimizer_cls is not None:
-            self.optim = types.SimpleNamespace(AdamW=optimizer_cls)
+    def __init__(self, noise: torch.Tensor, timesteps: torch.Tensor):
+        self.noise, self.timesteps, self.used = noise, timesteps, 0
 
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def randn_like(self, x, **kwargs):
-        out = self.noise[self.used_noise:self.used_noise + x.shape[0]].to(x)
-        self.used_noise += x.shape[0]
-        assert out.shape == x.shape, "ran out of fixed noise"
-        return out
-
-    def randint(self, low, high, size, **kwargs):
-        out = self.timesteps[self.used_t:self.used_t + size[0]]
-        self.used_t += size[0]
-        assert len(out) == size[0] and int(out.max()) < high
-        return out
+    def __call__(self, clean_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = clean_images.shape[0]
+        noise, timesteps = self.noise[self.used:self.used + n].to(clean_images), self.timesteps[self.used:self.used + n]
+        self.used += n
+        assert noise.shape == clean_images.shape and len(timesteps) == n, "ran out of fixed noise"
+        return noise, timesteps
 
 
 # ----------------------------------------------------------------------------- one run, many checks
@@ -85,7 +75,7 @@ def short_run(tmp_path_factory):
 
 
 def test_training_steps_are_finite_and_change_the_weights(short_run):
-    records = [json.loads(line) for line in (short_run.path / "loss.jsonl").read_text().splitlines()]
+    records = runs.read_loss_log(short_run.path)
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["loss"]) and 0 < r["loss"] < 10 for r in records)
     assert all(r["lr"] == pytest.approx(4e-4) for r in records)  # the course's learning rate
@@ -96,7 +86,7 @@ def test_training_steps_are_finite_and_change_the_weights(short_run):
     assert len(changed) > 0.9 * len(saved), f"only {len(changed)} of {len(saved)} tensors moved"
     # without EMA the saved weights are the trained weights
     assert all(torch.equal(saved[k], short_run.final[k]) for k in saved)
-    state = json.loads((short_run.path / "train_state.json").read_text())
+    state = runs.read_train_state(short_run.path)
     assert state["global_step"] == 2 and state["num_processes"] == 1
 
 
@@ -105,7 +95,7 @@ def test_saved_folder_is_a_plain_diffusers_pipeline(short_run):
 
     path = short_run.path
     for name in ("model_index.json", "unet/config.json", WEIGHTS, "scheduler/scheduler_config.json",
-                 "loss.jsonl", "loss_curve.png", "samples.png", "train_config.json"):
+                 runs.LOSS_LOG, "loss_curve.png", "samples.png", runs.CONFIG_FILE):
         assert (path / name).is_file(), name
     index = json.loads((path / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline"
@@ -140,7 +130,7 @@ def test_a_fresh_run_in_an_old_folder_starts_a_new_loss_log(tmp_path):
     config = _config(tmp_path, max_steps=1)
     train(config, data=_data())
     train(config, data=_data())
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run/loss.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in runs.read_loss_log(tmp_path / "run")]
     assert steps == [1]
 
 
@@ -153,35 +143,28 @@ def test_grayscale_model_has_one_channel(tmp_path):
 
 
 # ----------------------------------------------------------------------------- gradient accumulation
-def test_grad_accumulation_gives_the_full_batch_gradient(tmp_path, monkeypatch):
+def test_grad_accumulation_gives_the_full_batch_gradient(tmp_path):
     """accumulation 2 x batch 2 == batch 4 on the same images, noise and timesteps: the loss is divided by 2."""
     noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     timesteps = torch.tensor([10, 300, 650, 990])
     data = _data(4)
 
     def run(name: str, batch_size: int, accumulation: int) -> list[torch.Tensor]:
-        seen = []
-
-        class RecordingSGD(torch.optim.SGD):  # the gradient the optimizer step sees
-            def __init__(self, params, lr, weight_decay):
-                super().__init__(params, lr=lr)
-
-            def step(self, closure=None):
-                seen.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
-                return super().step(closure)
-
-        monkeypatch.setattr(train_module, "torch", FixedRandom(noise, timesteps, RecordingSGD))
         config = _config(tmp_path, name, batch_size=batch_size, grad_accumulation_steps=accumulation, max_steps=1,
                          random_flip=False, max_grad_norm=0.0, lr=1e-3)
         trainer = Trainer(config, data=data)
+        trainer.draw_noise = fixed = FixedNoise(noise, timesteps)
+        seen = []  # the gradient each optimizer step sees
+        trainer.optimizer.optimizer.register_step_pre_hook(
+            lambda optimizer, args, kwargs: seen.append([p.grad.detach().clone() for group in optimizer.param_groups
+                                                         for p in group["params"]]))
         trainer.run()
         assert trainer.global_step == 1 and len(seen) == 1, "one optimizer step"
-        assert train_module.torch.used_noise == 4, "each of the 4 images was noised once"
+        assert fixed.used == 4, "each of the 4 images was noised once"
         return seen[0]
 
     full = run("full", batch_size=4, accumulation=1)
     accumulated = run("accumulated", batch_size=2, accumulation=2)
-    monkeypatch.undo()
     norm = torch.sqrt(sum((g**2).sum() for g in full))
     assert norm > 1e-3
     for a, b in zip(full, accumulated):
@@ -192,16 +175,15 @@ def test_grad_accumulation_gives_the_full_batch_gradient(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- loss targets
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-def test_loss_target_follows_prediction_type(tmp_path, monkeypatch, prediction_type):
+def test_loss_target_follows_prediction_type(tmp_path, prediction_type):
     data = _data(3)
     trainer = Trainer(_config(tmp_path, prediction_type=prediction_type), data=data)
     assert trainer.noise_scheduler.config.prediction_type == prediction_type
     x0 = data.images.float() / 127.5 - 1
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0, 499, 999])
-    monkeypatch.setattr(train_module, "torch", FixedRandom(eps, t))
+    trainer.draw_noise = FixedNoise(eps, t)
     loss = trainer.forward_backward({"images": x0, "labels": torch.full((3,), -1)})
-    monkeypatch.undo()
 
     # by hand (DDPM eq. 4 and Salimans & Ho 2022 for v), from the scheduler's alphas_cumprod
     ab = trainer.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -211,6 +193,32 @@ def test_loss_target_follows_prediction_type(tmp_path, monkeypatch, prediction_t
         output = trainer.unet(x_t, t).sample
     torch.testing.assert_close(loss.detach(), F.mse_loss(output, target), rtol=1e-5, atol=1e-6)
     assert all(p.grad is not None for p in trainer.unet.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_loss_target_is_eps_x0_or_v(prediction_type):
+    scheduler = new_noise_scheduler("linear", 1000, prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(3, 3, 4, 4, generator=g) * 2 - 1, torch.randn(3, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = {"epsilon": eps, "sample": x0, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[prediction_type]
+    torch.testing.assert_close(loss_target(scheduler, x0, eps, t), expected)
+
+
+def test_min_snr_weights_follow_hang_et_al():
+    """SNR = ab / (1 - ab); weights min(SNR, gamma) / SNR (eps), / (SNR + 1) (v), min(SNR, gamma) (x0): 1 for eps
+    below gamma, gamma / SNR above it."""
+    t = torch.tensor([0, 300, 600, 999])
+    for prediction_type, weight in (("epsilon", lambda snr, m: m / snr), ("v_prediction", lambda snr, m: m / (snr + 1)),
+                                    ("sample", lambda snr, m: m)):
+        scheduler = new_noise_scheduler("linear", 1000, prediction_type)
+        ab = scheduler.alphas_cumprod[t].double()
+        snr = ab / (1 - ab)
+        expected = weight(snr, snr.clamp(max=5.0)).float()
+        torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0), expected, rtol=1e-5, atol=0)
+    eps = min_snr_weights(new_noise_scheduler("linear", 1000, "epsilon"), t, 5.0)
+    assert eps[0] < 0.01 and eps[-1] == 1.0  # t = 0 has an SNR of ~10^4: its weight is 5 / SNR; t = 999: SNR < 5
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -240,10 +248,10 @@ def test_checkpoint_and_resume_latest_continues_at_the_right_step(tmp_path, monk
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step_0000002"]  # the last step is saved as the pipeline, not as a checkpoint
     checkpoint = run_dir / "checkpoints/step_0000002"
-    assert json.loads((checkpoint / "training_state.json").read_text()) == {"global_step": 2, "num_processes": 1}
-    first_log = (run_dir / "loss.jsonl").read_text().splitlines()
+    assert runs.read_checkpoint_marker(checkpoint) == {"global_step": 2, "num_processes": 1}
+    first_log = runs.read_loss_log(run_dir)
     uninterrupted = _weights(run_dir)
-    with (run_dir / "loss.jsonl").open("a") as f:
+    with runs.loss_log_path(run_dir).open("a") as f:
         f.write('{"step": 5, "lo')  # a line cut short by a kill: left out on resume
 
     resumed_weights = []
@@ -264,13 +272,27 @@ def test_checkpoint_and_resume_latest_continues_at_the_right_step(tmp_path, monk
     assert len(calls) == 2, "steps 3 and 4 only"
     checkpoint_weights = load_file(str(checkpoint / "model.safetensors"))
     assert all(torch.equal(resumed_weights[0][k], checkpoint_weights[k]) for k in checkpoint_weights)
-    log = (run_dir / "loss.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
-    def losses(lines):
-        return [(r["step"], r["loss"], r["epoch"]) for r in map(json.loads, lines)]
+    log = runs.read_loss_log(run_dir)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert len(runs.loss_log_path(run_dir).read_text().splitlines()) == 4, "the cut line is gone from the file"
+
+    def losses(records):
+        return [(r["step"], r["loss"], r["epoch"]) for r in records]
 
     assert losses(log) == losses(first_log), "the resumed steps are the uninterrupted run's: same batches and noise"
     resumed = _weights(run_dir)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), "bit for bit"
-    assert json.loads((run_dir / "train_state.json").read_text())["global_step"] == 4
-    assert json.loads((run_dir / "ddpmkit.json").read_text())["step"] == 4
+    assert runs.read_train_state(run_dir)["global_step"] == 4
+    assert runs.read_meta(run_dir)["step"] == 4
+
+
+# ----------------------------------------------------------------------------- the step callback
+def test_step_callback_sees_every_optimizer_step_with_its_loss_still_on_the_device(tmp_path):
+    seen = []
+    path = train(_config(tmp_path, max_steps=3, batch_size=2, grad_accumulation_steps=2), data=_data(),
+                 callback=seen.append)
+    assert [info["step"] for info in seen] == [1, 2, 3], "once per optimizer step, not per micro-batch"
+    assert all(isinstance(info["loss"], torch.Tensor) and info["loss"].dim() == 0 for info in seen)
+    assert [info["loss"].item() for info in seen] == [r["loss"] for r in runs.read_loss_log(path)]
+    assert [info["images_seen"] for info in seen] == [4, 8, 12]  # two micro-batches of 2 per step
+    assert 0 < seen[0]["seconds"] < seen[1]["seconds"] < seen[2]["seconds"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ddpmkit import devices
 from ddpmkit.errors import UserError
 
 
@@ -94,8 +95,7 @@ class TrainConfig:
                         "compiler is needed), then faster steps (docs/performance.md has the measured gain)")
     channels_last: bool = opt(False, "channels-last memory format for the UNet's weights and activations "
                               "(docs/performance.md: measured on a CPU it does not speed up training)")
-    device: str = opt("auto", "auto (GPU when there is one), cpu or cuda; several GPUs: use accelerate launch / torchrun",
-                      choices=("auto", "cpu", "cuda"))
+    device: str = opt("auto", devices.HELP + "; several GPUs: accelerate launch or torchrun", choices=devices.CHOICES)
     seed: int | None = opt(0, "seed for the model's initial weights, data order, flips, timesteps and noise")
     # --- output ---
     output_dir: str = opt("runs/ddpm", "run folder: the final pipeline, logs, sample grids and checkpoints")

@@ -1,4 +1,4 @@
-"""Guidance: losses on the predicted x0 whose gradient moves x during sampling, and class labels for CFG.
+"""Guidance: losses on the predicted x0 whose gradient moves x during sampling.
 
 Loss guidance is the course's Unit 2 recipe, per step: predict the noise, form x0, take
 `loss = loss_fn(x0) * scale`, move `x <- x - d loss / d x`, then step the scheduler once.
@@ -7,7 +7,7 @@ Loss guidance is the course's Unit 2 recipe, per step: predict the noise, form x
 Losses are per image (shape (B,)): the gradient on image k is that of image k's own loss, so a result
 does not depend on how many images share the batch. The course's `color_loss` is a mean over the
 whole batch, so a course scale S used on a batch of B images equals scale S / B here.
-Classifier-free guidance itself is `sampling.model_fn`; this module resolves class names for it.
+Classifier-free guidance itself is `sampling.model_fn`; class names are model metadata (`models.class_names`).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ddpmkit.data import slug
 from ddpmkit.errors import UserError
+from ddpmkit.models import class_names, resolve_class_label  # noqa: F401 (moved; the lead removes this)
 from ddpmkit.sampling import _alpha_bar_and_vp_sample, predicted_x0
 from ddpmkit.schedulers import move_factor
 
@@ -374,6 +374,17 @@ def losses_per_step(guidance_losses: list[list[dict]]) -> list[dict]:
     return [merged[k] for k in sorted(merged)]
 
 
+def write_guidance_log(path, guidance_losses: list[list[dict]], spec: dict) -> tuple[float, float] | None:
+    """The per-step losses (`losses_per_step`) as JSON beside the images, with `spec` (the flags that made them);
+    returns the mean loss per image at the first and the last guided step (None: no guided step)."""
+    steps = losses_per_step(guidance_losses)
+    Path(path).write_text(json.dumps({**spec, "steps": steps}, indent=1) + "\n")
+    if not steps:
+        return None
+    first, last = (sum(s["loss"]) / len(s["loss"]) for s in (steps[0], steps[-1]))
+    return first, last
+
+
 # --------------------------------------------------------------------------- the CLI syntax: KIND:ARG[:SCALE]
 def split_guide(spec: str) -> tuple[str, str, float | None]:
     """'color:#BB2266:40' -> ('color', '#BB2266', 40.0); a last ':part' that is not a number belongs to ARG."""
@@ -416,35 +427,3 @@ def build_guidance(specs: Sequence[str] = (), losses: Sequence[str] = (), method
     guides = [parse_guide(s, clip_model, n_cuts, seed) for s in specs]
     guides += [parse_guide(f"custom:{s}", clip_model, n_cuts, seed) for s in losses]
     return LossGuidance(guides, method, every, schedule) if guides else None
-
-
-# --------------------------------------------------------------------------- class labels for CFG
-def class_names(model) -> list[str] | None:
-    """The class names saved beside a ddpmkit model (ddpmkit.json), or None."""
-    from ddpmkit.models import model_path
-
-    path = Path(model_path(model)).expanduser() / "ddpmkit.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(model), "ddpmkit.json", local_files_only=True))
-        except Exception:  # not a Hub id in the cache, or no ddpmkit.json there: no names
-            return None
-    return json.loads(path.read_text()).get("class_names")
-
-
-def resolve_class_label(label: int | str, names: Sequence[str] | None, num_classes: int) -> int:
-    """A class index or a class name (any case; 'ankle-boot' finds 'Ankle boot') -> the index."""
-    text = str(label).strip()
-    if re.fullmatch(r"\d+", text):
-        index = int(text)
-    else:
-        matches = [i for i, n in enumerate(names or []) if slug(n) == slug(text)]
-        if not matches:
-            known = f"one of {', '.join(names)}" if names else f"a number 0..{num_classes - 1} (no class names saved)"
-            raise UserError(f"unknown --class_label {label!r}: use {known}")
-        index = matches[0]
-    if not 0 <= index < num_classes:
-        raise UserError(f"--class_label {index} is out of range: this model has classes 0..{num_classes - 1}")
-    return index

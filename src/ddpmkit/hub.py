@@ -1,6 +1,7 @@
 """The Hub side of a saved pipeline: its README.md model card, and uploading the folder.
 
-`write_model_card` runs for every pipeline ddpmkit saves (final and step_N); `push_to_hub` creates
+`write_model_card` runs for every pipeline ddpmkit saves (final and step_N); `card_metadata`, `card_text` and
+`save_card` are its pieces, for a card with other text (scripts/bundle_emoji32.py); `push_to_hub` creates
 the repo and uploads the folder without training state. Neither touches the weights.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ddpmkit import runs
 from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
 from ddpmkit.errors import UserError
 
@@ -87,23 +89,19 @@ def model_card_text(folder: str | Path, config: TrainConfig | dict, sample_grid:
 
     `staged`: the folder's files are still in this staging folder (a save in progress); the card names `folder`.
     """
-    from huggingface_hub import ModelCardData
+    from ddpmkit.train_parts import learning_rate
 
     folder = Path(folder)
     files = Path(staged) if staged is not None else folder
     config = _as_config(config)
-    meta = _read_json(files / "ddpmkit.json")
+    try:
+        meta = runs.read_meta(files)
+    except UserError:  # a damaged ddpmkit.json: the card goes without class names
+        meta = {}
     scheduler = _read_json(files / "scheduler" / "scheduler_config.json")
     unet = _read_json(files / "unet" / "config.json")
     class_names = meta.get("class_names")
-    data = ModelCardData(
-        license=LICENSE,
-        library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
-        tags=TAGS + (["class-conditional"] if class_names else []),
-        base_model=config.init_from if config.init_from and is_hub_id(config.init_from) else None,
-        datasets=[config.dataset] if is_hub_id(config.dataset) else None,
-    )
+    data = card_metadata(bool(class_names), config.init_from, config.dataset)
     name = repo_id or config.hub_model_id or str(folder)
     title = name.split("/")[-1] if repo_id or config.hub_model_id else folder.name
     if folder.name.startswith("step_"):
@@ -112,7 +110,7 @@ def model_card_text(folder: str | Path, config: TrainConfig | dict, sample_grid:
         intro = f"`{config.init_from}` fine-tuned on `{config.dataset}`"
     else:
         intro = f"A diffusion model (DDPM, Ho et al. 2020) trained from scratch on `{config.dataset}`"
-    lr = config.lr if config.lr is not None else (1e-5 if config.init_from else 4e-4)  # train.py's defaults
+    lr = learning_rate(config)
     skip = {"preset"} if config.init_from else set()  # a fine-tune keeps the pretrained architecture
     skip |= set() if config.use_ema else {"ema_max_decay"}
     skip |= set() if config.class_column else {"cond_drop_prob"}
@@ -145,7 +143,37 @@ def model_card_text(folder: str | Path, config: TrainConfig | dict, sample_grid:
               f"ddpmkit sample --model {shlex.quote(name)} --scheduler ddim --steps 40 --out samples.png", "```", ""]
     if class_names:
         lines += ["`DDPMPipeline.__call__` passes no class labels: sample this model with ddpmkit.", ""]
-    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return card_text(data, lines)
+
+
+def card_metadata(class_conditional: bool = False, base_model: str | None = None, dataset: str | None = None,
+                  extra_tags: tuple[str, ...] = ()):
+    """The card's YAML metadata (huggingface_hub.ModelCardData): license, library, pipeline tag and tags; the base
+    model and the dataset when they are Hub ids."""
+    from huggingface_hub import ModelCardData
+
+    return ModelCardData(
+        license=LICENSE,
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        tags=TAGS + (["class-conditional"] if class_conditional else []) + list(extra_tags),
+        base_model=base_model if base_model and is_hub_id(base_model) else None,
+        datasets=[dataset] if dataset and is_hub_id(dataset) else None,
+    )
+
+
+def card_text(metadata, lines: list[str]) -> str:
+    """A model card: the metadata as its YAML header, then the lines of markdown."""
+    return f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+def save_card(folder: str | Path, text: str) -> Path:
+    """Write `folder/README.md` with `huggingface_hub.ModelCard`."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / "README.md"
+    ModelCard(text).save(path)
+    return path
 
 
 def write_model_card(folder: str | Path, config: TrainConfig | dict, sample_grid: str | None = None,
@@ -155,8 +183,6 @@ def write_model_card(folder: str | Path, config: TrainConfig | dict, sample_grid
     `staged`: write into this staging folder instead, which will become `folder` (the card names `folder`).
     """
     import shutil
-
-    from huggingface_hub import ModelCard
 
     named, folder = Path(folder), Path(staged) if staged is not None else Path(folder)
     if sample_grid is not None:
@@ -168,10 +194,7 @@ def write_model_card(folder: str | Path, config: TrainConfig | dict, sample_grid
             else:
                 shutil.copy(grid, folder / grid.name)
                 sample_grid = grid.name
-    card = ModelCard(model_card_text(named, config, sample_grid, losses, staged=staged))
-    path = folder / "README.md"
-    card.save(path)
-    return path
+    return save_card(folder, model_card_text(named, config, sample_grid, losses, staged=staged))
 
 
 def _upload_errors() -> tuple[type[BaseException], ...]:
