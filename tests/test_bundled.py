@@ -115,7 +115,7 @@ def test_models_dir_must_be_a_folder(tmp_path, capsys):
 
 
 def test_eval_defaults_to_the_bundled_model_and_its_training_data():
-    from ddpmkit.cli import _trained_on
+    from ddpmkit.models import trained_on as _trained_on
 
     assert _trained_on(DEFAULT_MODEL) == "emoji"
 

@@ -14,6 +14,7 @@ from conftest import MICRO_UNET, save_plain_pipeline, write_images
 from PIL import Image
 
 import ddpmkit
+from ddpmkit import runs
 from ddpmkit.cli import build_parser, config_from_args
 from ddpmkit.config import TrainConfig
 
@@ -54,10 +55,10 @@ def test_train_then_sample_end_to_end(workdir):
                          "--sample_steps", 2, "--output_dir", run)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    config = json.loads((run / "train_config.json").read_text())
+    config = runs.read_train_config(run)
     assert (config["dataset"], config["image_size"], config["batch_size"], config["lr"],
             config["grad_accumulation_steps"]) == (str(workdir / "images"), 8, 2, 1e-3, 2)
-    losses = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    losses = runs.read_loss_log(run)
     assert [r["step"] for r in losses] == [1, 2] and all(np.isfinite(r["loss"]) for r in losses)
     assert all(r["lr"] == pytest.approx(1e-3) for r in losses)
     for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -285,7 +286,7 @@ def error_inputs(workdir) -> Path:
     from diffusers import DDPMPipeline, DDPMScheduler
 
     DDPMPipeline(unet=make_micro_unet(8, num_class_embeds=4), scheduler=DDPMScheduler()).save_pretrained(w / "classes")
-    (w / "classes" / "ddpmkit.json").write_text(json.dumps({"class_names": ["cat", "dog", "owl"], "null_class": 3}))
+    runs.write_meta(w / "classes", {"class_names": ["cat", "dog", "owl"], "null_class": 3})
     return w
 
 

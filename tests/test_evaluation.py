@@ -15,6 +15,7 @@ import torch
 from conftest import make_micro_unet, save_plain_pipeline
 from PIL import Image
 
+from ddpmkit.runs import write_meta
 from ddpmkit import evaluation
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
@@ -279,7 +280,7 @@ def test_per_class_figures_of_a_class_conditioned_model(tmp_path):
     unet = make_micro_unet(8, num_class_embeds=3)  # classes "discs", "squares" and the null class
     folder = tmp_path / "cc"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
-    (folder / "ddpmkit.json").write_text(json.dumps({"class_names": ["discs", "squares"], "null_class": 2}))
+    write_meta(folder, {"class_names": ["discs", "squares"], "null_class": 2})
     data = tmp_path / "labelled"
     save_folder(shapes(10, "disc", size=8), data / "discs")
     save_folder(shapes(6, "square", size=8), data / "squares")

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from conftest import make_micro_unet, save_plain_pipeline, write_images
+from ddpmkit.runs import LOSS_LOG
 from ddpmkit import hub
 from ddpmkit.cli import build_parser, config_from_args, main
 from ddpmkit.config import TrainConfig
@@ -231,7 +232,7 @@ def run_folder(tmp_path) -> Path:
     hub.write_model_card(folder, TrainConfig(output_dir=str(folder)))
     for extra in ("checkpoints/step_0000010/optimizer.bin", "logs/ddpmkit/events.out.tfevents.1",
                   "step_10/model_index.json", "step_10/unet/config.json", "wandb/latest-run/run.wandb",
-                  "samples/step_000010.png", "loss.jsonl"):
+                  "samples/step_000010.png", LOSS_LOG):
         (folder / extra).parent.mkdir(parents=True, exist_ok=True)
         (folder / extra).write_text("x")
     return folder
@@ -307,7 +308,7 @@ def test_push_creates_the_repo_and_uploads_the_pipeline_without_training_state(r
     assert Path(upload_kwargs["folder_path"]) == run_folder
     assert uploaded == {"model_index.json", "README.md", "unet/config.json",
                         "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-                        "samples/step_000010.png", "loss.jsonl"}
+                        "samples/step_000010.png", LOSS_LOG}
 
 
 def test_push_bad_repo_id_or_folder(run_folder, tmp_path):

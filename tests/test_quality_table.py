@@ -11,6 +11,8 @@ import pytest
 from conftest import make_micro_unet
 from PIL import Image
 
+from ddpmkit.runs import write_meta
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_per_step.py"
 
 
@@ -35,8 +37,7 @@ def micro_model(tmp_path) -> tuple[Path, Path]:
     folder = tmp_path / "model"
     DDPMPipeline(unet=make_micro_unet(8, num_class_embeds=3),
                  scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(folder)
-    (folder / "ddpmkit.json").write_text(json.dumps({"class_names": ["discs", "squares"], "null_class": 2,
-                                                     "dataset": str(data)}))
+    write_meta(folder, {"class_names": ["discs", "squares"], "null_class": 2, "dataset": str(data)})
     return folder, data
 
 

@@ -4,7 +4,6 @@ message, two concurrent requests kept apart), with headless Chromium (colour gui
 a screenshot), and stopped with SIGINT / SIGTERM."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -21,6 +20,7 @@ import pytest
 from conftest import make_micro_unet, save_plain_pipeline
 from PIL import Image
 
+from ddpmkit.runs import write_meta
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from ddpmkit.guidance import parse_color
@@ -43,7 +43,7 @@ def save_class_pipeline(folder: Path, names=CLASS_NAMES, size: int = 16) -> Path
 
     unet = make_micro_unet(size, num_class_embeds=len(names) + 1)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(folder)
-    (folder / "ddpmkit.json").write_text(json.dumps({"class_names": list(names), "null_class": len(names)}))
+    write_meta(folder, {"class_names": list(names), "null_class": len(names)})
     return folder
 
 

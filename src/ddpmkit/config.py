@@ -153,6 +153,10 @@ class TrainConfig:
             raise UserError("--push_to_hub needs --hub_model_id user/name")
         return self
 
+    def learning_rate(self) -> float:
+        """--lr, else the course's two learning rates: 4e-4 from scratch, 1e-5 for a fine-tune."""
+        return self.lr if self.lr is not None else (1e-5 if self.init_from else 4e-4)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

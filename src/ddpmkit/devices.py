@@ -9,28 +9,37 @@ from __future__ import annotations
 
 import functools
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from ddpmkit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported inside the functions: config.py reads CHOICES and HELP, and `ddpmkit --help` must not wait for it
 
 logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "cpu", "cuda", "mps")  # what --device takes (cuda:N too)
-HELP = ("auto (default): a CUDA GPU when there is one, else Apple's MPS, else the CPU; or cpu, cuda, cuda:N, mps")
+HELP = "auto (default): a CUDA GPU when there is one, else Apple's MPS, else the CPU; or cpu, cuda, mps"
 
 
 def cuda_available() -> bool:
+    import torch
+
     return torch.cuda.is_available()
 
 
 def mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
 
-def default_device() -> torch.device:
+def default_device() -> "torch.device":
     """CUDA when available, else MPS when torch offers it, else the CPU."""
+    import torch
+
     if cuda_available():
         return torch.device("cuda")
     if mps_available():
@@ -38,8 +47,10 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_device(requested: str | torch.device | None = None, flag: str = "--device") -> torch.device:
+def resolve_device(requested: "str | torch.device | None" = None, flag: str = "--device") -> "torch.device":
     """None or 'auto' -> `default_device()`; 'cpu', 'cuda', 'cuda:N', 'mps' -> that device when it is there."""
+    import torch
+
     if isinstance(requested, torch.device):
         requested = str(requested)
     text = (requested or "auto").strip().lower()
@@ -61,14 +72,16 @@ def resolve_device(requested: str | torch.device | None = None, flag: str = "--d
     return device
 
 
-def announce(device: torch.device | str, what: str = "computing") -> None:
+def announce(device: "torch.device | str", what: str = "computing") -> None:
     """Log the device once per process (and per `what`): call it when the work starts."""
+    import torch
+
     _log_once(str(torch.device(device)), what)
 
 
 @functools.lru_cache(maxsize=None)
 def _log_once(device: str, what: str) -> None:
-    kind = torch.device(device).type
+    kind = device.split(":")[0]
     why = {"cuda": "a CUDA GPU", "mps": "Apple's MPS", "cpu": "the CPU"}[kind]
     if kind == "cpu" and (cuda_available() or mps_available()):
         why += ", as asked"

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ddpmkit.errors import UserError
-from ddpmkit.models import class_names, resolve_class_label  # noqa: F401 (moved; the lead removes this)
 from ddpmkit.sampling import _alpha_bar_and_vp_sample, predicted_x0
 from ddpmkit.schedulers import move_factor
 

@@ -89,8 +89,6 @@ def model_card_text(folder: str | Path, config: TrainConfig | dict, sample_grid:
 
     `staged`: the folder's files are still in this staging folder (a save in progress); the card names `folder`.
     """
-    from ddpmkit.train_parts import learning_rate
-
     folder = Path(folder)
     files = Path(staged) if staged is not None else folder
     config = _as_config(config)
@@ -110,7 +108,7 @@ def model_card_text(folder: str | Path, config: TrainConfig | dict, sample_grid:
         intro = f"`{config.init_from}` fine-tuned on `{config.dataset}`"
     else:
         intro = f"A diffusion model (DDPM, Ho et al. 2020) trained from scratch on `{config.dataset}`"
-    lr = learning_rate(config)
+    lr = config.learning_rate()
     skip = {"preset"} if config.init_from else set()  # a fine-tune keeps the pretrained architecture
     skip |= set() if config.use_ema else {"ema_max_decay"}
     skip |= set() if config.class_column else {"cond_drop_prob"}

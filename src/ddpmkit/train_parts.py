@@ -139,13 +139,6 @@ def run_seed(config: TrainConfig) -> int:
     return int(broadcast_object_list([int.from_bytes(os.urandom(8), "little") >> 1])[0])
 
 
-def learning_rate(config: TrainConfig | dict) -> float:
-    """--lr, else the course's two learning rates: 4e-4 from scratch, 1e-5 for a fine-tune."""
-    lr, init_from = (config.get("lr"), config.get("init_from")) if isinstance(config, dict) else (config.lr,
-                                                                                                  config.init_from)
-    return lr if lr is not None else (1e-5 if init_from else 4e-4)
-
-
 def make_ema(config: TrainConfig, unet):
     """diffusers' EMAModel with train_unconditional.py's warm-up, or None without --use_ema."""
     if not config.use_ema:

@@ -30,7 +30,7 @@ from ddpmkit.config import TrainConfig, make_config
 from ddpmkit.data import ImageData, ShuffledBatches, derive_seed
 from ddpmkit.errors import Interrupted
 from ddpmkit.images import bars_enabled, plot_loss_curve
-from ddpmkit.train_parts import (StepLosses, build_model, check_before_loading, compile_unet, learning_rate, load_data,
+from ddpmkit.train_parts import (StepLosses, build_model, check_before_loading, compile_unet, load_data,
                                  load_pretrained, make_accelerator, make_ema, raise_if_failed, read_checkpoint,
                                  run_seed, sample_grid, total_steps, training_pipeline, weights_checksums,
                                  write_checkpoint)
@@ -114,7 +114,7 @@ class Trainer:
         self.seed = run_seed(c)
         # timesteps, noise and label drops: one generator per process, saved in every checkpoint
         self.generator = torch.Generator(acc.device).manual_seed(derive_seed(self.seed, acc.process_index, 2))
-        self.lr = learning_rate(c)
+        self.lr = c.learning_rate()
         optimizer = torch.optim.AdamW(unet.parameters(), lr=self.lr, weight_decay=c.adam_weight_decay)
         self.ema = make_ema(c, unet)
         if c.channels_last:
