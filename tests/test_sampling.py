@@ -88,12 +88,15 @@ def test_callback_x0_is_the_models_x0_prediction(pipeline_dir):
                                                       info["pred_original_sample"].clone(), info["sample"].clone())))
     scheduler = DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler")
     ab = scheduler.alphas_cumprod
-    x = None
+    assert len(seen) == 5, "one callback per step"
+    checked, x = 0, None
     for t, eps, x0, x_next in seen:
         if x is not None:  # the input of this step is the output of the previous one
             a = ab[int(t)]
             torch.testing.assert_close(x0, (x - (1 - a).sqrt() * eps) / a.sqrt(), rtol=1e-5, atol=1e-5)
+            checked += 1
         x = x_next
+    assert checked == 4 and not torch.equal(seen[1][2], seen[2][2])  # four steps checked, each its own x0
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

@@ -116,8 +116,11 @@ class GuidanceInterval:
     unit: str = "sigma"
 
     @classmethod
-    def parse(cls, text: str | None) -> "GuidanceInterval | None":
-        """'0.28,5.42' (noise levels sigma), 'sigma:0.28,5.42' or 't:200,700' (timesteps); None or '' -> None."""
+    def parse(cls, text: "str | GuidanceInterval | None") -> "GuidanceInterval | None":
+        """'0.28,5.42' (noise levels sigma), 'sigma:0.28,5.42' or 't:200,700' (timesteps); None or '' -> None; an
+        interval passes through."""
+        if isinstance(text, GuidanceInterval):
+            return text
         if text is None or not str(text).strip():
             return None
         unit, sep, numbers = str(text).strip().partition(":")
@@ -293,38 +296,27 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     device = unet.device
     if num_images < 1:
         raise UserError(f"--num_images must be at least 1 (got {num_images})")
-    interval = guidance_interval if isinstance(guidance_interval, GuidanceInterval) or guidance_interval is None \
-        else GuidanceInterval.parse(guidance_interval)
+    interval = GuidanceInterval.parse(guidance_interval)
     guide_unet = _guide_unet(pipe, autoguide, autoguide_scale, cfg_scale, interval, device)
     sched, settings = _scheduler_for(pipe, scheduler, steps, karras, timestep_spacing, solver_order, sigma_max, seed)
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
     step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
     labels = _class_label_tensor(unet, class_labels, num_images)
-    auto = settings.pop("auto", False)
-    logger.info("scheduler %s%s, %d steps", "auto: " if auto else "",
+    logger.info("scheduler %s%s, %d steps", "auto: " if settings.pop("auto", False) else "",
                 settings_label(settings["scheduler"], settings), settings["steps"])
     rows = 2 if (labels is not None and cfg_scale not in (0.0, 1.0)) or guide_unet is not None else 1
-    was_training = unet.training
-    unet.eval()
-    try:
+    with _eval_mode(unet):
         # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
         speed = choose(unet, num_images * rows, dtype, batch_size and batch_size * rows, channels_last)
         announce(device, "sampling")
         logger.info("UNet calls: %s", speed.describe())
-        size = unet.config.sample_size
-        shape_hw = (size, size) if isinstance(size, int) else tuple(size)
         set_timesteps(sched, settings["steps"], device=device)
         if guidance is not None and (changed := prepare_for_moves(sched)):
             logger.info(changed)
         timesteps = [float(t) for t in sched.timesteps]
         extra_calls = sum(guided_steps(sched, interval)) if rows == 2 else 0
-        from diffusers.utils.torch_utils import randn_tensor
-
-        # x_T as DDPMPipeline draws it (in the UNet's dtype); the scheduler then runs in at least float32
-        x = randn_tensor((num_images, unet.config.in_channels, *shape_hw), generator=generator, device=device,
-                         dtype=unet.dtype) * sched.init_noise_sigma
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        x = initial_noise(unet, sched, num_images, generator)
         with unet_for_sampling(unet, speed.dtype, speed.channels_last) as model_unet, \
                 _optional(guide_unet, speed) as guide_model:
             x, trajectory, losses = denoise(model_unet, sched, x, generator=generator, eta=eta, guidance=guidance,
@@ -332,14 +324,24 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
                                             trajectory_every=trajectory_every, callback=callback, progress=progress,
                                             batch_size=speed.batch_size, channels_last=speed.channels_last,
                                             guide_unet=guide_model, guide_scale=autoguide_scale, interval=interval)
-    finally:
-        unet.train(was_training)
     result = x.float().cpu().clamp(-1, 1)
     if not torch.isfinite(result).all():
         logger.warning("some samples are not finite: the model or the scheduler settings diverged")
     if interval is not None:
         settings["guidance_interval"] = interval.describe()
     return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses], settings, extra_calls)
+
+
+def initial_noise(unet, scheduler, num_images: int, generator: torch.Generator | None) -> torch.Tensor:
+    """x_T as DDPMPipeline draws it (in the UNet's dtype, on its device), scaled by the scheduler's
+    init_noise_sigma; the scheduler then runs in at least float32."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    size = unet.config.sample_size
+    shape_hw = (size, size) if isinstance(size, int) else tuple(size)
+    x = randn_tensor((num_images, unet.config.in_channels, *shape_hw), generator=generator, device=unet.device,
+                     dtype=unet.dtype) * scheduler.init_noise_sigma
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _sampling_device(unet, device) -> torch.device:
@@ -399,6 +401,17 @@ def check_guide(pipe, guide) -> None:
     if not torch.allclose(pipe.scheduler.alphas_cumprod.double(), guide.scheduler.alphas_cumprod.double()):
         raise UserError("the --autoguide model does not match the model: another noise schedule (a guide must be "
                         "trained with the same beta_schedule)")
+
+
+@contextlib.contextmanager
+def _eval_mode(unet):
+    """The UNet in eval mode for the duration (dropout off), then back as it was (a model being trained)."""
+    was_training = unet.training
+    unet.eval()
+    try:
+        yield unet
+    finally:
+        unet.train(was_training)
 
 
 @contextlib.contextmanager

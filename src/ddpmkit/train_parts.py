@@ -139,6 +139,12 @@ def run_seed(config: TrainConfig) -> int:
     return int(broadcast_object_list([int.from_bytes(os.urandom(8), "little") >> 1])[0])
 
 
+def build_hooks(config: TrainConfig, unet, accelerator) -> list:
+    """The `trainer.TrainingHook`s this config asks for, in the order they run after each step."""
+    hooks = []
+    return hooks
+
+
 def make_ema(config: TrainConfig, unet):
     """diffusers' EMAModel with train_unconditional.py's warm-up, or None without --use_ema."""
     if not config.use_ema:

@@ -30,7 +30,7 @@ from ddpmkit.config import TrainConfig, make_config
 from ddpmkit.data import ImageData, ShuffledBatches, derive_seed
 from ddpmkit.errors import Interrupted
 from ddpmkit.images import bars_enabled, plot_loss_curve
-from ddpmkit.train_parts import (StepLosses, build_model, check_before_loading, compile_unet, load_data,
+from ddpmkit.train_parts import (StepLosses, build_hooks, build_model, check_before_loading, compile_unet, load_data,
                                  load_pretrained, make_accelerator, make_ema, raise_if_failed, read_checkpoint,
                                  run_seed, sample_grid, total_steps, training_pipeline, weights_checksums,
                                  write_checkpoint)
@@ -40,6 +40,23 @@ logger = logging.getLogger(__name__)
 # Called after every optimizer step with {"step", "loss" (a tensor still on the device: reading it is the
 # caller's choice of host synchronisation), "images_seen" (all processes, this run), "seconds" (since the loop began)}.
 StepCallback = Callable[[dict], None]
+
+
+class TrainingHook:
+    """A piece that rides along the loop without the loop knowing it (post-hoc EMA, quality while training).
+
+    `train_parts.build_hooks` makes them from the config. A hook with `state_dict` / `load_state_dict` is saved in
+    every checkpoint and restored on resume (accelerate's `register_for_checkpointing`), so a resumed run continues
+    it exactly. Every method is optional; each gets the Trainer."""
+
+    def after_step(self, trainer: "Trainer") -> None:
+        """After each optimizer step's loss is recorded, before that step's saves and checkpoint."""
+
+    def add_to_pipeline(self, trainer: "Trainer", staged: Path, final: bool) -> None:
+        """Files to add to a pipeline folder being saved (`staged`, moved into place when complete)."""
+
+    def finish(self, trainer: "Trainer") -> None:
+        """After the final pipeline is saved."""
 
 
 def train(config: TrainConfig | None = None, data: ImageData | None = None, callback: StepCallback | None = None,
@@ -130,6 +147,10 @@ class Trainer:
         if self.ema is not None:
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
+        self.hooks: list[TrainingHook] = build_hooks(c, self.unet, acc)
+        for hook in self.hooks:
+            if hasattr(hook, "state_dict"):
+                acc.register_for_checkpointing(hook)
         # where the run stands (a resume sets it from its checkpoint), and the loop's bookkeeping
         self.global_step = 0
         self.train_s_before = self.train_s = 0.0  # training wall-clock seconds, summed over resumed runs
@@ -154,6 +175,8 @@ class Trainer:
                     continue
                 self.global_step += 1
                 loss, stop = self.log_step()
+                for hook in self.hooks:
+                    hook.after_step(self)
                 self.save_due()
                 if self.callback is not None:
                     self.callback({"step": self.global_step, "loss": loss, "images_seen": self.images_seen,
@@ -162,6 +185,8 @@ class Trainer:
                     self.stop(stop)
         acc.wait_for_everyone()
         final = self.save(self.pipeline_dir)
+        for hook in self.hooks:
+            hook.finish(self)
         self.finish()
         return final
 
@@ -315,6 +340,8 @@ class Trainer:
             shutil.copy(grid, staged / "samples.png")
         write_model_card(folder, self.config, sample_grid="samples.png" if final else None, losses=records,
                          staged=staged)
+        for hook in self.hooks:
+            hook.add_to_pipeline(self, staged, final)
 
     def save_checkpoint(self) -> Path:
         """Full training state (weights, optimizer, LR schedule, EMA, step, batch position, every generator) written
