@@ -5,6 +5,8 @@ a screenshot), and stopped with SIGINT / SIGTERM."""
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import replace
 import shlex
 import shutil
 import signal
@@ -37,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("DDPMKIT_ARTIFACTS", ROOT / "test-artifacts"))
 
 
-def save_class_pipeline(folder: Path, names=CLASS_NAMES, size: int = 16) -> Path:
+def save_class_pipeline(folder: Path, names=CLASS_NAMES, size: int = 16, seed: int = 0) -> Path:
     """A micro class-conditioned pipeline (untrained) with its class names, as `ddpmkit train --class_column` saves."""
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    unet = make_micro_unet(size, num_class_embeds=len(names) + 1)
+    unet = make_micro_unet(size, num_class_embeds=len(names) + 1, seed=seed)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(folder)
     write_meta(folder, {"class_names": list(names), "null_class": len(names)})
     return folder
@@ -52,6 +54,7 @@ def models_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ui_models")
     save_class_pipeline(root / "cond16")
     save_plain_pipeline(root / "plain8")
+    save_class_pipeline(root / "cond16-guide", seed=1)  # the same kind, other weights: a guide for autoguidance
     return root
 
 
@@ -135,6 +138,35 @@ def test_command_names_everything_that_changes_the_images(studio, models_dir, tm
         "--seed", "11", "--dtype", "fp32", "--class_label", "red square", "--cfg_scale", "2.5",
         "--guide", "color:#44CCAA:12.25", "--guide", "image:reference.jpg:20", "--guidance_method", "full",
         "--guidance_every", "2", "--out", "samples.png", "--save_individual"]
+
+
+def test_autoguidance_and_the_interval_in_the_app_reproduce_from_the_command(studio, models_dir, tmp_path):
+    """The page's autoguidance controls are `sample` arguments: a job with a guide and an interval is checked, its
+    command names both, and that command makes the same images bit for bit."""
+    cond, guide = (str((models_dir / name).resolve()) for name in ("cond16", "cond16-guide"))
+    for message, values in {
+        "unknown guide '/etc'": dict(autoguide="/etc"),
+        "autoguidance and CFG both guide": dict(autoguide=guide, cfg_scale=3),
+        "the guidance interval applies to CFG or autoguidance": dict(guidance_interval="0.3,5"),
+        "must be LO,HI": dict(autoguide=guide, guidance_interval="5,1"),
+        "autoguide scale must be from 0 to 10 (got 11)": dict(autoguide=guide, autoguide_scale=11),
+    }.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            studio.check(Request(model=cond, **values))
+    request = studio.check(Request(model=cond, scheduler="ddim", steps=6, num_images=2, seed=3, class_label="blue circle",
+                                   autoguide=guide, autoguide_scale=2.5, guidance_interval="0.2,20"))
+    result = studio.run(request)
+    words = shlex.split(result.command)
+    assert words[words.index("--autoguide") + 1:words.index("--autoguide") + 5] == [
+        guide, "--autoguide_scale", "2.5", "--guidance_interval"] and "0.2,20" in words
+    assert "+ " in result.summary and "of the guide" in result.summary  # the guide's calls are counted
+    plain = studio.run(replace(request, autoguide="", guidance_interval=""))
+    assert not all(np.array_equal(uint8(a), uint8(b)) for a, b in zip(result.singles, plain.singles))
+    here = tmp_path / "cli"
+    here.mkdir()
+    run_command(result.command, here)
+    for path in result.singles:
+        np.testing.assert_array_equal(uint8(path), uint8(here / "samples" / Path(path).name))
 
 
 def test_serve_without_gradio_says_what_to_install(models_dir, monkeypatch, capsys):

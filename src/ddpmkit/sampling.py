@@ -50,6 +50,9 @@ class SamplerSettings:
     eta: float | None = None
     dtype: str = "auto"
     batch_size: int | None = None  # images per UNet call (None: the fastest measured); the images do not depend on it
+    autoguide: str | None = None  # a weaker model of the same kind to guide with (autoguidance), and its weight
+    autoguide_scale: float = 2.0
+    guidance_interval: str | None = None  # 'LO,HI' noise levels (or 't:LO,HI') where CFG / autoguidance apply
 
     def kwargs(self) -> dict:
         return dataclasses.asdict(self)
@@ -329,6 +332,9 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
         logger.warning("some samples are not finite: the model or the scheduler settings diverged")
     if interval is not None:
         settings["guidance_interval"] = interval.describe()
+    if guide_unet is not None:
+        settings.update(autoguide=str(getattr(getattr(autoguide, "config", None), "_name_or_path", autoguide)),
+                        autoguide_scale=autoguide_scale)
     return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses], settings, extra_calls)
 
 

@@ -107,7 +107,11 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--cfg_scale", type=float, default=1.0, metavar="W",
                    help="classifier-free guidance: uncond + W * (cond - uncond); 1 plain conditional, "
                         "0 unconditional, 2-5 sharper classes (default: 1)")
-    a = p.add_argument_group("autoguidance and guidance intervals (docs/guidance.md)")
+    add_autoguide_options(p.add_argument_group("autoguidance and guidance intervals (docs/guidance.md)"))
+
+
+def add_autoguide_options(a) -> None:
+    """--autoguide, --autoguide_scale, --guidance_interval (sample and eval)."""
     a.add_argument("--autoguide", default=None, metavar="MODEL",
                    help="guide the model with a weaker version of itself (Karras et al. 2024): an earlier checkpoint "
                         "of the same run (RUN/step_N), a smaller model trained the same way, or a bundled name; "
@@ -186,6 +190,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class_label", default=None, metavar="N|NAME",
                    help="sample one class of a class-conditioned model and compare with that class's images")
     p.add_argument("--cfg_scale", type=float, default=1.0, metavar="W", help="classifier-free guidance scale")
+    add_autoguide_options(p)
     p.add_argument("--per_class", action="store_true",
                    help="class-conditioned model: sample each class in the dataset's proportions and report FID/KID "
                         "per class as well as overall")
@@ -206,5 +211,28 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="how both sides are resized to 299x299: clean (default; clean-fid's PIL bicubic, the resize of "
                         "the figures users compare with) or torch-bicubic (ddpmkit's before 2026-12)")
     p.add_argument("--device", default=None, help=f"where to sample and extract features: {devices.HELP}")
+    p.add_argument("--sigma_rel", default=None, metavar="S1,S2,...",
+                   help="with --model RUN (a run trained with --posthoc_ema): evaluate the EMA of each of these "
+                        "lengths (e.g. 0.05,0.07,0.10,0.15), reconstructed from the run's snapshots, with the same "
+                        "settings; one line per length and the best; --out writes them all (docs/ema.md)")
     p.add_argument("--out", default=None, metavar="results.json",
                    help="write every figure and what reproduces it (model hash, scheduler, seed, counts) as JSON")
+
+
+EMA_DESCRIPTION = """Make the EMA of any length from the snapshots of a run trained with --posthoc_ema (EDM2's
+post-hoc EMA): a least-squares combination of the tracked power-function EMAs, saved as a DDPMPipeline folder with
+the run's scheduler, ddpmkit.json (what was made) and a model card. Compare lengths first with
+  ddpmkit eval --model RUN --sigma_rel 0.05,0.07,0.10,0.15
+See docs/ema.md."""
+
+
+def add_ema_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("run", metavar="RUN", help="the run folder (--output_dir of a training with --posthoc_ema)")
+    p.add_argument("--sigma_rel", type=float, required=True, metavar="S",
+                   help="the EMA length: the standard deviation of its averaging window relative to the steps "
+                        "trained, between 0 and 0.28 (EDM2's best are 0.05-0.15; those near the tracked "
+                        "--posthoc_ema_sigma_rels are the most exact)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="the EMA as it was at step N (default: the run's last snapshot)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the pipeline folder to write")

@@ -139,6 +139,8 @@ def cmd_eval(args) -> int:
     _at_least(args, 1, "steps", "batch_size")
     if args.out and not args.out.endswith(".json"):
         raise UserError(f"--out {args.out} must end in .json")
+    if args.sigma_rel is not None and args.model is None:
+        raise UserError("--sigma_rel needs --model RUN: the folder of a run trained with --posthoc_ema")
     if args.model is None and args.images is None and args.vs_dataset is None:
         args.model = DEFAULT_MODEL
     if args.dataset is None:
@@ -147,7 +149,15 @@ def cmd_eval(args) -> int:
             raise UserError("give --dataset: the reference images to compare with (e.g. --dataset emoji)")
     sampler = SamplerSettings(scheduler=args.scheduler, steps=args.steps, karras=args.karras,
                               timestep_spacing=args.timestep_spacing, solver_order=args.solver_order, dtype=args.dtype,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size,
+                              autoguide=args.autoguide, autoguide_scale=args.autoguide_scale,
+                              guidance_interval=args.guidance_interval)
+    if args.sigma_rel is not None:  # one evaluation per EMA length, reconstructed from the run's snapshots
+        from functools import partial
+
+        from ddpmkit.phema import sweep
+
+        evaluate = partial(sweep, sigma_rels=args.sigma_rel)
     result = evaluate(args.model, images=args.images, vs_dataset=args.vs_dataset, dataset=args.dataset,
                       num_images=args.num_images, sampler=sampler, seed=args.seed, class_label=args.class_label,
                       cfg_scale=args.cfg_scale, per_class=args.per_class, split=args.split,
@@ -158,6 +168,15 @@ def cmd_eval(args) -> int:
         print(line)
     if args.out:
         logging.getLogger("ddpmkit").info("wrote %s", result.save(args.out))
+    return 0
+
+
+def cmd_ema(args) -> int:
+    from ddpmkit.phema import describe, save_ema_pipeline
+
+    path, info = save_ema_pipeline(args.run, args.sigma_rel, args.out, step=args.step)
+    logging.getLogger("ddpmkit").info("wrote %s: %s; sample it with: ddpmkit sample --model %s", path,
+                                      describe(info), path)
     return 0
 
 

@@ -146,6 +146,8 @@ class Studio:
         with self._run_lock:
             out = sample(pipe, scheduler=request.scheduler, steps=request.steps, num_images=request.num_images,
                          seed=request.seed, guidance=guidance, class_labels=labels, cfg_scale=request.cfg_scale,
+                         autoguide=self.pipeline(request.autoguide) if request.autoguide else None,
+                         autoguide_scale=request.autoguide_scale, guidance_interval=request.guidance_interval or None,
                          callback=callback, progress=False, dtype="fp32")
         return self._result(request, info, out, folder, reference, time.perf_counter() - start)
 
@@ -168,8 +170,9 @@ class Studio:
         grid = save_grid(out.images, folder / "samples.png", scale=2)  # what `--out samples.png` writes
         singles = save_individual(out.images, folder / "samples")  # and `--save_individual`
         command = self.command(request, reference.name if reference else None)
+        second = f" + {out.guide_calls} of the guide" if request.autoguide and out.guide_calls else ""
         summary = (f"{request.num_images} image(s) from {info.label}: {request.scheduler}, {request.steps} steps, "
-                   f"{out.nfe} UNet calls per image, {seconds:.1f} s")
+                   f"{out.nfe} UNet calls per image{second}, {seconds:.1f} s")
         if reference is not None:
             summary += f"; the command reads {reference.name} (in the downloads) from the folder it runs in"
         downloads = [grid, *singles, *([reference] if reference else [])]

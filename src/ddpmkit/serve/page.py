@@ -79,6 +79,14 @@ def _sample_controls(gr, studio: Studio, first) -> dict:
         c["cfg_scale"] = gr.Slider(*SCALE_RANGES["cfg"], value=1.0, step=0.1, label="CFG scale",
                                    info="1 plain conditional, 0 unconditional, 2-5 sharper classes",
                                    visible=bool(first.classes))
+        c["autoguide"] = gr.Dropdown([("none", "")] + [(m.label, m.value) for m in studio.models.values()], value="",
+                                     label="autoguidance: guide with", elem_id="autoguide",
+                                     info="a weaker model of the same kind (an earlier checkpoint; emoji32-guide for "
+                                          "emoji32): guide + W (model - guide)")
+        c["autoguide_scale"] = gr.Slider(*SCALE_RANGES["autoguide"], value=2.0, step=0.1, label="autoguidance scale W")
+        c["guidance_interval"] = gr.Textbox("", label="guidance interval", placeholder="e.g. 0.28,5.42",
+                                            info="CFG / autoguidance only at noise levels LO < sigma <= HI (or "
+                                                 "t:LO,HI timesteps); empty: every step")
     return c
 
 
@@ -129,7 +137,8 @@ def _result_views(gr) -> dict:
 
 # the inputs of /generate, in the order of generate_images's parameters (the API's names)
 INPUTS = ("model", "scheduler", "steps", "num_images", "seed", "class_label", "cfg_scale", "color", "color_scale",
-          "guidance_method", "clip_prompt", "clip_scale", "reference", "image_scale", "guidance_every")
+          "guidance_method", "clip_prompt", "clip_scale", "reference", "image_scale", "guidance_every", "autoguide",
+          "autoguide_scale", "guidance_interval")
 
 
 def _connect(gr, app, studio: Studio, first, controls: dict, views: dict) -> None:
@@ -155,11 +164,13 @@ def _generate(gr, studio: Studio, views: dict):
 
     def generate_images(model, scheduler, steps, num_images, seed, class_label, cfg_scale, color, color_scale,
                         guidance_method, clip_prompt, clip_scale, reference, image_scale, guidance_every,
-                        progress=gr.Progress()):
+                        autoguide="", autoguide_scale=2.0, guidance_interval="", progress=gr.Progress()):
         request = Request(model=model, scheduler=scheduler, steps=steps, num_images=num_images, seed=seed,
                           class_label=class_label, cfg_scale=cfg_scale, color=color, color_scale=color_scale,
                           clip_prompt=clip_prompt or "", clip_scale=clip_scale, reference=reference,
-                          image_scale=image_scale, guidance_method=guidance_method, guidance_every=guidance_every)
+                          image_scale=image_scale, guidance_method=guidance_method, guidance_every=guidance_every,
+                          autoguide=autoguide or "", autoguide_scale=autoguide_scale,
+                          guidance_interval=guidance_interval or "")
         try:
             request = studio.check(request)
         except UserError as err:

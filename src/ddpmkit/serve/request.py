@@ -30,6 +30,7 @@ SCALE_RANGES = {  # per image, as `--guide KIND:ARG:SCALE` and `--cfg_scale` tak
     "clip": (0.0, 100.0),
     "image": (0.0, 1000.0),
     "cfg": (0.0, 20.0),  # 1 plain conditional, 0 unconditional, 2-5 sharper classes
+    "autoguide": (0.0, 10.0),  # 1 the model alone; EDM2's presets use 1.2-2.9
 }
 MAX_UPLOAD_MB = 5  # a reference image is resized to the model's 32-64 px: a few MB is plenty
 MAX_PROMPT_CHARS = 200  # CLIP reads 77 tokens at most
@@ -55,6 +56,9 @@ class Request:
     image_scale: float = 20.0
     guidance_method: str = "shortcut"
     guidance_every: int = 1
+    autoguide: str = ""  # a model on offer that guides the model (autoguidance); '' is off
+    autoguide_scale: float = 2.0
+    guidance_interval: str = ""  # 'LO,HI' noise levels (or 't:LO,HI') where CFG / autoguidance apply; '' everywhere
 
     def check(self, models: dict[str, ModelInfo], schedulers: list[str], clip: bool) -> Request:
         """This request with its values normalised, or a UserError naming the first value out of bounds."""
@@ -71,6 +75,7 @@ class Request:
         scales = {name: _number(f"{name} scale", getattr(self, f"{name}_scale"), *SCALE_RANGES[name])
                   for name in ("color", "clip", "image", "cfg")}
         class_label, cfg_scale = self._class(models[self.model], scales["cfg"])
+        autoguide, autoguide_scale, interval = self._model_guidance(models, cfg_scale)
         color = normalise_color(self.color) if scales["color"] > 0 else None
         if scales["color"] > 0 and color is None:
             raise UserError("pick a colour for colour guidance, or set its scale to 0")
@@ -81,7 +86,25 @@ class Request:
         return replace(self, steps=steps, num_images=num_images, seed=seed, guidance_every=every,
                        class_label=class_label, cfg_scale=cfg_scale, color=color, color_scale=scales["color"],
                        clip_prompt=prompt, clip_scale=scales["clip"], reference=reference,
-                       image_scale=scales["image"])
+                       image_scale=scales["image"], autoguide=autoguide, autoguide_scale=autoguide_scale,
+                       guidance_interval=interval)
+
+    def _model_guidance(self, models: dict[str, ModelInfo], cfg_scale: float) -> tuple[str, float, str]:
+        """(guide, its scale, the interval) checked: the guide is a model on offer, CFG and autoguidance are not
+        both on, and the interval reads as `--guidance_interval` does (it needs CFG or autoguidance)."""
+        from ddpmkit.sampling import GuidanceInterval
+
+        guide = (self.autoguide or "").strip()
+        scale = _number("autoguide scale", self.autoguide_scale, *SCALE_RANGES["autoguide"])
+        if guide and guide not in models:
+            raise UserError(f"unknown guide {guide!r}: pick one of {', '.join(models)}")
+        if guide and cfg_scale != 1.0:
+            raise UserError("autoguidance and CFG both guide the model's output: set the CFG scale to 1 or the guide "
+                            "to none")
+        interval = GuidanceInterval.parse((self.guidance_interval or "").strip() or None)
+        if interval is not None and not guide and cfg_scale == 1.0:
+            raise UserError("the guidance interval applies to CFG or autoguidance: set one of them, or clear it")
+        return guide, scale if guide else 2.0, (self.guidance_interval or "").strip() if interval else ""
 
     def _class(self, info: ModelInfo, cfg_scale: float) -> tuple[str | None, float]:
         """(class label, CFG scale): a class of the model (its first when none is given), or (None, 1) for an
@@ -128,6 +151,10 @@ class Request:
             argv += ["--device", device]
         if self.class_label is not None:
             argv += ["--class_label", self.class_label, "--cfg_scale", number_text(self.cfg_scale)]
+        if self.autoguide:
+            argv += ["--autoguide", self.autoguide, "--autoguide_scale", number_text(self.autoguide_scale)]
+        if self.guidance_interval:
+            argv += ["--guidance_interval", self.guidance_interval]
         for spec in self.guide_specs(reference_name):
             argv += ["--guide", spec]
         if self.guide_specs():
