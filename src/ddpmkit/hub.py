@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 TAGS = ["diffusers", "unconditional-image-generation", "ddpmkit", "diffusion-models-class"]
 LICENSE = "apache-2.0"  # the license of google/ddpm-* and of diffusers itself
 # Not uploaded: training state, tracker files and intermediate pipelines (as diffusers' train_unconditional.py).
-IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "wandb/*", "step_*", "step_*/*", ".tmp*", "*/.tmp*", ".old_*", ".del_*"]
+IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "wandb/*", "phema/*", "best/*", "step_*", "step_*/*", ".tmp*", "*/.tmp*",
+                   ".old_*", ".del_*"]  # the run folder's working files stay local: only the pipeline goes up
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # Flags left out of the reconstructed command: they say how a run restarted, not how the model was made.
 NOT_IN_COMMAND = ("resume_from_checkpoint", "cache_max_gb")
