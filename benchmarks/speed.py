@@ -14,11 +14,15 @@ medians too. The measures:
   vs the course     ddpmkit train / the course's loop (datasets imagefolder + set_transform per item, a
                     DataLoader with shuffle, AdamW 4e-4) on 1,000 JPEGs of 512x384 made here and on the emoji.
   bf16 on the CPU   a bf16-autocast bare step / the fp32 bare step (why --mixed_precision bf16 falls back).
+  captured (CUDA)   the trainer with --compile (its step replayed from CUDA graphs, ddpmkit.capture) against the
+                    captured bare step, and against the eager trainer of the same run (issue 22's 8x); the bare step
+                    captured whole in a CUDA graph, with inductor's kernels inside it, and torch.compile's
+                    mode="reduce-overhead", each against the eager bare step.
   memory            peak resident memory of training course32 at batch 64 and of sampling 64 images.
 
     make bench                               # CPU: ~15 minutes on 2 cores; writes benchmarks/results/speed.{md,json}
     python benchmarks/speed.py --quick       # a smoke run (2 repeats, tiny only); writes speed_quick.{md,json}
-    python benchmarks/speed.py --device cuda --batch_size 256   # on a GPU
+    python benchmarks/speed.py --device cuda --batch_size 256 --presets tiny   # on a GPU (benchmarks/gpu_session.sh)
 
 The CPU run keeps sampling short (`--sample_steps`: 6 steps for tiny, 1 for course32) and runs its parts in two
 processes at once, one core each (`--jobs`), to fit 15 minutes. A sampling call also has a fixed cost (the
@@ -95,30 +99,47 @@ def machine_info(device: str, threads: int) -> dict:
 
 
 # --------------------------------------------------------------------------- the bare step and the peak
+STEP_MODES = ("eager", "compile", "graph", "inductor-graph", "reduce-overhead")  # "graph" and after: CUDA only
+
+
 def bare_step(preset: str, batch: int, device: str, autocast_bf16: bool = False, channels_last: bool = False,
-              compiled: bool = False):
-    """forward + MSE + backward + AdamW step of a fresh `preset` UNet on fixed tensors already on the device
-    (`compiled`: the UNet through torch.compile, as `ddpmkit train --compile` runs it)."""
+              compiled: bool = False, mode: str = "eager"):
+    """forward + MSE + backward + AdamW step of a fresh `preset` UNet on fixed tensors already on the device.
+
+    `mode` (`compiled=True` is "compile"): "compile", the UNet through torch.compile, as `ddpmkit train --compile`
+    runs it on a CPU; "graph", the whole step captured in one CUDA graph with a fused AdamW (ddpmkit.capture, as
+    `--compile` runs it on CUDA); "inductor-graph", the same with the UNet compiled inside it (--compile_kernels);
+    "reduce-overhead", torch.compile(mode="reduce-overhead") of the UNet and of the optimizer step."""
+    from ddpmkit.capture import Replayed, cuda_graphs
+
+    mode = "compile" if compiled else mode
+    captured = mode in ("graph", "inductor-graph")
     torch.manual_seed(0)
     unet = build_unet(preset, 32).to(device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=4e-4)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=4e-4, **({"fused": True, "capturable": True} if captured else {}))
     x = torch.randn(batch, 3, 32, 32, device=device)
     noise = torch.randn_like(x)
     t = torch.randint(0, 1000, (batch,), device=device)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    forward = torch.compile(unet, dynamic=False) if compiled else unet
+    forward = unet
+    if mode in ("compile", "inductor-graph", "reduce-overhead"):
+        forward = torch.compile(unet, dynamic=False, **({"mode": mode} if mode == "reduce-overhead" else {}))
+    optimizer_step = torch.compile(optimizer.step) if mode == "reduce-overhead" else optimizer.step
 
     def step():
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast_bf16,
+                            cache_enabled=not captured):
             out = forward(x, t, return_dict=False)[0]
         loss = F.mse_loss(out.float(), noise)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step()
 
-    return step
+    return Replayed(step, cuda_graphs(device), warmup=3) if captured else step
 
 
 def step_flops(preset: str, batch: int, device: str) -> float:
@@ -167,19 +188,25 @@ def random_image_data(n: int = 1024, size: int = 32):
     return ImageData(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), source="random")
 
 
-def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Path, mixed_precision: str = "no") -> dict:
+def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Path, mixed_precision: str = "no",
+                    compile: bool = False) -> dict:
     """Trainer step time vs bare step time, interleaved inside one training run: after each trainer step (the step
     callback) a torch.mm peak and the bare step run once, each timed on its own; the trainer's time of a step is
     from the end of one callback to the start of the next (its whole loop iteration). The same bare steps over the
-    peaks give the model efficiency (FLOPs from FlopCounterMode)."""
+    peaks give the model efficiency (FLOPs from FlopCounterMode). `compile` (CUDA): the trainer's step captured
+    (--compile), against the bare step captured the same way; its eager warm-up steps are left out."""
     from ddpmkit.config import TrainConfig
     from ddpmkit.trainer import Trainer
 
     config = TrainConfig(dataset="random", preset=preset, image_size=32, batch_size=batch, max_steps=repeats + 2,
                          device="cpu" if device == "cpu" else "cuda", output_dir=str(work / f"loop-{preset}-{batch}"),
-                         num_sample_images=1, sample_steps=1, mixed_precision=mixed_precision, seed=0)
-    bare = bare_step(preset, batch, device, autocast_bf16=mixed_precision == "bf16")
-    bare()
+                         num_sample_images=1, sample_steps=1, mixed_precision=mixed_precision, seed=0,
+                         compile=compile)
+    warmup = 4 if compile else 1  # the captured step: 3 eager steps and the capture
+    config.max_steps = repeats + 1 + warmup
+    bare = bare_step(preset, batch, device, autocast_bf16=mixed_precision == "bf16", mode="graph" if compile else "eager")
+    for _ in range(warmup):
+        bare()
     trainer_times, bare_times, peaks, step_ended = [], [], [], []
     mm_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
@@ -195,10 +222,11 @@ def loop_efficiency(preset: str, batch: int, repeats: int, device: str, work: Pa
 
     Trainer(config.validate(), data=random_image_data(max(1024, 4 * batch)), callback=between_steps).run()
     # trainer_times[i] is step i + 2, bare_times[i] and peaks[i] were measured just before it; the first: a warm-up
-    trainer_times, bare_kept, peaks = trainer_times[1:], bare_times[1:], peaks[1:]
+    trainer_times, bare_kept, peaks = trainer_times[warmup:], bare_times[warmup:], peaks[warmup:]
     ratios = [b / t for b, t in zip(bare_kept, trainer_times)]
     flops = step_flops(preset, batch, device)
-    loop = {"preset": preset, "batch": batch, "mixed_precision": mixed_precision, "ratio": summary(ratios),
+    loop = {"preset": preset, "batch": batch, "mixed_precision": mixed_precision, "compile": compile,
+            "ratio": summary(ratios),
             "trainer_images_per_s": summary([batch / t for t in trainer_times], 1),
             "bare_images_per_s": summary([batch / b for b in bare_kept], 1)}
     model = {"preset": preset, "batch": batch, "dtype": str(mm_dtype).removeprefix("torch."),
@@ -213,12 +241,21 @@ def switch_gain(preset: str, batch: int, repeats: int, device: str, switch: str 
     """Bare-step speed with a switch over without it (interleaved): does the switch lift training?
 
     channels_last: the memory format; compile: torch.compile (its one-time compile timed apart); threads: all
-    cores over the benchmark's thread count (what a user's default gets over this benchmark's setting)."""
+    cores over the benchmark's thread count (what a user's default gets over this benchmark's setting); on CUDA,
+    graph, inductor-graph and reduce-overhead (`bare_step`'s modes; capture and compile timed apart; a mode that
+    fails is reported with its error, the other figures still measured)."""
     plain = bare_step(preset, batch, device)
     plain()
     threads = torch.get_num_threads()
     start = time.perf_counter()
-    other = bare_step(preset, batch, device, channels_last=switch == "channels_last", compiled=switch == "compile")
+    other = bare_step(preset, batch, device, channels_last=switch == "channels_last",
+                      mode=switch if switch in STEP_MODES else "eager")
+    if switch in STEP_MODES[2:]:  # the eager warm-up steps and the capture (or cudagraph trees' recording)
+        try:
+            for _ in range(4):
+                other()
+        except Exception as err:  # noqa: BLE001 - a mode torch cannot run here is a finding, not a crash
+            return {"preset": preset, "batch": batch, "switch": switch, "error": f"{type(err).__name__}: {err}"[:300]}
     if switch == "threads":
         cores = os.cpu_count() or 1
 
@@ -234,7 +271,7 @@ def switch_gain(preset: str, batch: int, repeats: int, device: str, switch: str 
     first_s = time.perf_counter() - start  # building and the first step: for compile, the compile
     ratios = [timed(plain, device) / timed(other, device) for _ in range(repeats)]
     entry = {"preset": preset, "batch": batch, "switch": switch, "ratio": summary(ratios)}
-    if switch == "compile":
+    if switch in STEP_MODES:
         entry["compile_seconds"] = round(first_s, 1)
     if switch == "threads":
         entry["threads"] = [threads, os.cpu_count()]
@@ -477,10 +514,12 @@ def write_report(result: dict, out: Path) -> None:
     ]
     loop_target = TARGETS["loop_efficiency_gpu" if m["device"].startswith("cuda") else "loop_efficiency"]
     for e in result.get("loop_efficiency", []):
+        captured = ", --compile (captured) / the captured bare step" if e.get("compile") else ""
         lines.append(f"| loop efficiency (trainer / bare step) | {e['preset']} 32x32, batch {e['batch']}, "
-                     f"{e['mixed_precision']} | {r(e['ratio'])} | >= {loop_target} | "
+                     f"{e['mixed_precision']}{captured} | {r(e['ratio'])} | >= {loop_target} | "
                      f"{met(e['ratio']['median'], loop_target)} | trainer {e['trainer_images_per_s']['median']} img/s, "
                      f"bare {e['bare_images_per_s']['median']} img/s |")
+    lines += derived_rows(result.get("loop_efficiency", []))
     for e in result.get("model_efficiency", []):
         target = TARGETS["model_efficiency_course32"] if e["preset"] == "course32" else None
         lines.append(f"| model efficiency (bare step FLOP/s / torch.mm peak) | {e['preset']} batch {e['batch']}, "
@@ -493,9 +532,16 @@ def write_report(result: dict, out: Path) -> None:
         switch = e.get("switch", "channels_last")
         what = {"channels_last": "channels_last / contiguous (bare step)",
                 "compile": "torch.compile / eager (bare step)",
+                "graph": "whole step in a CUDA graph / eager (bare step)",
+                "inductor-graph": "CUDA graph with inductor's kernels / eager (bare step)",
+                "reduce-overhead": "torch.compile mode=reduce-overhead / eager (bare step)",
                 "threads": "all cores / {} torch thread(s) (bare step)".format(e.get("threads", ["?"])[0])}[switch]
+        if "error" in e:
+            lines.append(f"| {what} | {e['preset']} batch {e['batch']} | failed | | | {e['error']} |")
+            continue
         note = (f"first step (the compile) {e['compile_seconds']} s; a cold compile with an empty inductor cache is "
                 "minutes" if switch == "compile" else
+                f"warm-up, capture and compile {e['compile_seconds']} s" if switch in STEP_MODES else
                 f"{e['threads'][1]} threads" if switch == "threads" else "")
         lines.append(f"| {what} | {e['preset']} batch {e['batch']} | {r(e['ratio'])} | | | {note} |")
     fastest_target = TARGETS["sampling_fastest_native" if m["native_bf16"] else "sampling_fastest_cpu"]
@@ -535,6 +581,27 @@ def write_report(result: dict, out: Path) -> None:
         lines += ["", "GPU figures: not measured (no GPU in this run)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def derived_rows(loops: list[dict]) -> list[str]:
+    """Issue 22's GPU figures from the loop runs of one benchmark run (separate training runs, so a ratio of their
+    medians): the captured trainer over the eager one (>= 8 for tiny at batch 256), and bf16 over fp32."""
+    by = {(e["preset"], e["batch"], e["mixed_precision"], bool(e.get("compile"))): e["trainer_images_per_s"]["median"]
+          for e in loops}
+    rows = []
+    for (preset, batch, precision, captured), rate in by.items():
+        eager = by.get((preset, batch, precision, False))
+        if captured and eager:
+            target = 8.0 if preset == "tiny" and batch == 256 else None
+            rows.append(f"| trainer --compile (captured) / eager trainer | {preset} batch {batch}, {precision} | "
+                        f"{rate / eager:.2f} (ratio of medians) | {'>= 8' if target else ''} | "
+                        f"{met(rate / eager, target) if target else ''} | {rate} vs {eager} img/s |")
+        fp32 = by.get((preset, batch, "no", captured))
+        if precision == "bf16" and fp32:
+            rows.append(f"| trainer bf16 / fp32 | {preset} batch {batch}{', captured' if captured else ''} | "
+                        f"{rate / fp32:.2f} (ratio of medians) | >= 1.0 | {met(rate / fp32, 1.0)} | "
+                        f"{rate} vs {fp32} img/s |")
+    return rows
 
 
 # about equal halves on a 2-core CPU (seconds of each part with both running: loop 300, switches 100,
@@ -593,6 +660,11 @@ def main(argv=None) -> int:
                         "the CPU 6 for tiny and 1 for course32, to fit 15 minutes)")
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="2 repeats, tiny only, fewer steps: a smoke run")
+    parser.add_argument("--presets", default=None, help="UNet presets of the loop and sampling parts (default: "
+                        "tiny,course32; tiny with --quick)")
+    parser.add_argument("--gpu_modes", default="graph,inductor-graph,reduce-overhead",
+                        help="on CUDA: the bare step's captured and compiled modes to measure against eager ('' "
+                             "for none; inductor's compile takes a minute or more each)")
     parser.add_argument("--only", default=None, help="comma-separated parts: loop,switches,sampling,course,bf16,memory")
     parser.add_argument("--full", action="store_true", help="also course32 against the course's loop and "
                         "torch.compile's gain on the training step (each minutes on a CPU)")
@@ -614,7 +686,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     parts = set((args.only or "loop,switches,sampling,course,bf16,memory").split(","))
     repeats = 2 if args.quick else args.repeats
-    presets = ("tiny",) if args.quick else ("tiny", "course32")
+    presets = tuple((args.presets or ("tiny" if args.quick else "tiny,course32")).split(","))
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("speed_quick" if args.quick else "speed"))
     work = Path(tempfile.mkdtemp(prefix="ddpmkit-speed-"))
     os.environ.setdefault("DDPMKIT_CACHE", str(work / "ddpmkit-cache"))  # the micro-batch measured in this run
@@ -636,9 +708,11 @@ def main(argv=None) -> int:
 
     if "loop" in parts:
         log("loop and model efficiency")
-        runs = [loop_efficiency(p, args.batch_size, repeats, args.device, work) for p in presets]
+        runs = [loop_efficiency(p, args.batch_size, repeats, args.device, work, "no", captured)
+                for p in presets for captured in ((False, True) if gpu else (False,))]
         if native_bf16(args.device):
-            runs += [loop_efficiency(p, args.batch_size, repeats, args.device, work, "bf16") for p in presets]
+            runs += [loop_efficiency(p, args.batch_size, repeats, args.device, work, "bf16", captured)
+                     for p in presets for captured in ((False, True) if gpu else (False,))]
         else:
             bf16_mm = matmul_peak(args.device, torch.bfloat16, n=256, calls=2)
             result["bf16_model_efficiency"] = (f"no native bf16 on this device: a bf16 torch.mm runs at "
@@ -654,6 +728,9 @@ def main(argv=None) -> int:
             result["switches"].append(switch_gain("tiny", args.batch_size, repeats, args.device, "threads"))
         if args.full:  # minutes of compiling on a CPU
             result["switches"].append(switch_gain("tiny", args.batch_size, repeats, args.device, "compile"))
+        for mode in (args.gpu_modes.split(",") if gpu and args.gpu_modes else ()):  # CUDA graphs, inductor
+            log(f"bare step: {mode}")
+            result["switches"].append(switch_gain("tiny", args.batch_size, repeats, args.device, mode))
         if not args.quick:
             result["profile_course32"] = profile_top("course32", 16, args.device)
     if "sampling" in parts:

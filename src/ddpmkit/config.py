@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ddpmkit import devices
 from ddpmkit.errors import UserError
@@ -36,6 +36,29 @@ LR_SCHEDULERS = (
     "linear",
     "polynomial",
 )
+
+
+# post-hoc EMA lengths (--posthoc_ema_sigma_rels, ddpmkit ema/eval --sigma_rel): sigma_rel -> 1 / sqrt(12) = 0.289
+# as the power function's gamma -> 0 (a plain average of all steps)
+MAX_SIGMA_REL = 0.28
+
+
+def parse_sigma_rels(value: str | Iterable[float], flag: str = "--sigma_rel") -> list[float]:
+    """'0.05,0.10' (or numbers) -> [0.05, 0.1]: at least one, each in (0, 0.28), none twice; else one line naming
+    `flag`."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        sigma_rels = [float(item) for item in items if str(item).strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes lengths separated by commas, such as 0.05,0.10 (got {value!r})") from None
+    if not sigma_rels:
+        raise UserError(f"{flag} needs at least one length, such as 0.05,0.10")
+    for s in sigma_rels:
+        if not 0 < s < MAX_SIGMA_REL:
+            raise UserError(f"{flag}: each length must be between 0 and {MAX_SIGMA_REL} (got {s:g})")
+    if len(set(sigma_rels)) < len(sigma_rels):
+        raise UserError(f"{flag} gives a length twice ({value})")
+    return sigma_rels
 
 
 @dataclass
@@ -91,12 +114,47 @@ class TrainConfig:
     mixed_precision: str = opt("no", "no, bf16 or fp16 (fp16 needs a GPU); bf16 on a CPU without native bf16 "
                                "(no avx512_bf16/AMX) falls back to fp32 with a warning: it is slower there",
                                choices=MIXED_PRECISION)
-    compile: bool = opt(False, "torch.compile the UNet for training: a one-time compile of minutes on a CPU (a C++ "
-                        "compiler is needed), then faster steps (docs/performance.md has the measured gain)")
+    # off by default: the captured step's gain on a GPU is not measured yet (docs/performance.md)
+    compile: bool = opt(False, "speed the training step up. On a CUDA GPU: the whole step (forward, backward, "
+                        "clipping, AdamW, EMA) is captured in CUDA graphs after 3 eager steps and replayed; batches "
+                        "have a static shape, so each epoch's short last batch is left out (logged); with several "
+                        "processes, --grad_accumulation_steps or fp16 it compiles as on a CPU. On a CPU: "
+                        "torch.compile of the UNet's forward, a one-time compile of minutes (a C++ compiler is "
+                        "needed), measured 0.92x eager on 2 cores (docs/performance.md)")
     channels_last: bool = opt(False, "channels-last memory format for the UNet's weights and activations "
                               "(docs/performance.md: measured on a CPU it does not speed up training)")
     device: str = opt("auto", devices.HELP + "; several GPUs: accelerate launch or torchrun", choices=devices.CHOICES)
     seed: int | None = opt(0, "seed for the model's initial weights, data order, flips, timesteps and noise")
+    # --- the captured training step (--compile on CUDA; ddpmkit.capture) ---
+    compile_kernels: bool = opt(False, "with --compile on a CUDA GPU: also compile the UNet with torch.compile "
+                                "(inductor's fused kernels) inside the captured step; a one-time compile of a "
+                                "minute or more; its gain is not measured yet (docs/performance.md)")
+    # --- post-hoc EMA ---
+    posthoc_ema: bool = opt(False, "EDM2's post-hoc EMA (Karras et al. 2024): keep power-function EMAs of the weights "
+                            "at the --posthoc_ema_sigma_rels lengths and write snapshots of them to OUTPUT_DIR/phema, "
+                            "from which 'ddpmkit ema' makes the EMA of any length after training and 'ddpmkit eval "
+                            "--sigma_rel' compares lengths by FID; costs one copy of the weights per length in memory "
+                            "and on disk per snapshot (docs/ema.md)")
+    posthoc_ema_every: int | None = opt(None, "write a post-hoc EMA snapshot every N optimizer steps, and one at the "
+                                        "end (default: the run's steps / 16, rounded up: 16 snapshots match any "
+                                        "length from 0.03 to 0.2 within 4 percent of its weighting, 0.4 at 0.07; more "
+                                        "fit better and take more disk; docs/ema.md)")
+    posthoc_ema_sigma_rels: str = opt("0.05,0.10", "the EMA lengths tracked while training, as sigma_rel (the "
+                                      "standard deviation of the averaging window relative to the steps so far; "
+                                      "EDM2's two): lengths between and near them are reconstructed best")
+    # --- quality during training ---
+    eval_every: int = opt(0, "every N optimizer steps (and at the last) sample --eval_images images and log their FID "
+                          "and KID against the training data: OUTPUT_DIR/eval.jsonl, TensorBoard/W&B, the progress "
+                          "line, with the cost (0: off). On a 2-core CPU, tiny at 32x32: N >= EVERY_CPU keeps it under "
+                          "a tenth of the training time (docs/performance.md)")
+    eval_images: int = opt(200, "images sampled at each evaluation, and training images as its reference "
+                           "(the floor at 200 is shipped for emoji 32x32: FID 94; a trend, not a figure to quote)")
+    eval_scheduler: str = opt("deis", "sampler of the evaluations (deis: 15 model calls, the fast one of "
+                              "docs/samplers.md; every evaluation samples from the same noise, seed 0, so the figures "
+                              "move with the model)")
+    eval_steps: int | None = opt(None, "steps of --eval_scheduler (default: its own, 15 for deis)")
+    keep_best: bool = opt(False, "keep the pipeline with the lowest FID so far as OUTPUT_DIR/best (needs --eval_every; "
+                          "the final pipeline is saved as usual)")
     # --- output ---
     output_dir: str = opt("runs/ddpm", "run folder: the final pipeline, logs, sample grids and checkpoints")
     model_save_name: str | None = opt(None, "save the pipeline in output_dir/model_save_name instead of output_dir itself")
@@ -134,6 +192,8 @@ class TrainConfig:
         if self.compile and self.device != "cuda" and not torch_cuda_available() and not _cxx_compiler():
             raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++): install one "
                             "(apt-get install g++) or leave --compile off")
+        if self.compile_kernels and not self.compile:
+            raise UserError("--compile_kernels compiles inside the captured step: add --compile")
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         if self.cache_max_gb is not None and not self.cache_max_gb > 0:
@@ -149,9 +209,33 @@ class TrainConfig:
                 raise UserError(f"--{f.name} must be one of {', '.join(map(str, choices))} (got {value!r})")
         if not 0 <= self.cond_drop_prob < 1:
             raise UserError(f"--cond_drop_prob must be in [0, 1) (got {self.cond_drop_prob})")
+        if self.posthoc_ema:
+            parse_sigma_rels(self.posthoc_ema_sigma_rels, "--posthoc_ema_sigma_rels")
+            if self.posthoc_ema_every is not None and self.posthoc_ema_every < 1:
+                raise UserError(f"--posthoc_ema_every must be at least 1 (got {self.posthoc_ema_every})")
+        elif self.posthoc_ema_every is not None or self.posthoc_ema_sigma_rels != "0.05,0.10":
+            raise UserError("--posthoc_ema_every and --posthoc_ema_sigma_rels need --posthoc_ema")
+        self._validate_evaluation()
         if self.push_to_hub and not self.hub_model_id:
             raise UserError("--push_to_hub needs --hub_model_id user/name")
         return self
+
+    def _validate_evaluation(self) -> None:
+        """--eval_every and its options (quality during training)."""
+        from ddpmkit.schedulers import AUTO, scheduler_names
+
+        if self.eval_every < 0:
+            raise UserError(f"--eval_every must be 0 (off) or more (got {self.eval_every})")
+        if self.eval_images < 4:  # precision and recall compare each image with its 3 nearest
+            raise UserError(f"--eval_images must be at least 4 (got {self.eval_images})")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise UserError(f"--eval_steps must be at least 1 (got {self.eval_steps})")
+        if self.eval_scheduler not in (AUTO, *scheduler_names()):
+            raise UserError(f"--eval_scheduler must be one of {AUTO}, {', '.join(scheduler_names())} "
+                            f"(got {self.eval_scheduler!r})")
+        if self.keep_best and not self.eval_every:
+            raise UserError("--keep_best needs --eval_every N: the best pipeline is chosen by the FID measured "
+                            "every N steps")
 
     def learning_rate(self) -> float:
         """--lr, else the course's two learning rates: 4e-4 from scratch, 1e-5 for a fine-tune."""

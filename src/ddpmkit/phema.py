@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from ddpmkit import runs
+from ddpmkit.config import MAX_SIGMA_REL, parse_sigma_rels  # noqa: F401 - parse_sigma_rels: the API's
 from ddpmkit.errors import UserError
 
 DEFAULT_SIGMA_RELS = (0.05, 0.10)  # EDM2's two tracked profiles
-MAX_SIGMA_REL = 0.28  # sigma_rel -> 1 / sqrt(12) = 0.289 as gamma -> 0 (a plain average of all steps)
 FORMAT = "ddpmkit.phema/1"  # a snapshot file's metadata["format"]
 
 
@@ -43,24 +43,6 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     t = sigma_rel ** -2  # (gamma + 2)^2 (gamma + 3) = t (gamma + 1): the largest real root of a cubic
     roots = np.roots([1, 7, 16 - t, 12 - t])
     return float(roots.real[abs(roots.imag) < 1e-9].max())
-
-
-def parse_sigma_rels(value: str | Iterable[float], flag: str = "--sigma_rel") -> list[float]:
-    """'0.05,0.10' (or numbers) -> [0.05, 0.1]: at least one, each in (0, 0.28), none twice; else one line naming
-    `flag`."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        sigma_rels = [float(item) for item in items if str(item).strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes lengths separated by commas, such as 0.05,0.10 (got {value!r})") from None
-    if not sigma_rels:
-        raise UserError(f"{flag} needs at least one length, such as 0.05,0.10")
-    for s in sigma_rels:
-        if not 0 < s < MAX_SIGMA_REL:
-            raise UserError(f"{flag}: each length must be between 0 and {MAX_SIGMA_REL} (got {s:g})")
-    if len(set(sigma_rels)) < len(sigma_rels):
-        raise UserError(f"{flag} gives a length twice ({value})")
-    return sigma_rels
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

@@ -18,8 +18,7 @@ from pathlib import Path
 from ddpmkit import phema, runs
 from ddpmkit.config import TrainConfig
 from ddpmkit.errors import UserError
-from ddpmkit.train_parts import raise_if_failed
-from ddpmkit.trainer import TrainingHook
+from ddpmkit.train_parts import TrainingHook, raise_if_failed
 
 logger = logging.getLogger(__name__)
 

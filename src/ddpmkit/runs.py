@@ -7,6 +7,9 @@
       loss.jsonl                          one line per optimizer step; a kill may cut the last one short
       train_state.json                    the final step, process count and per-process weight checksums
       checkpoints/step_0000100/           the full training state; complete once training_state.json is in it
+      eval.jsonl                          --eval_every: one line per evaluation during training (FID, KID, cost)
+      best/                               --keep_best: the pipeline with the lowest FID so far
+      phema/step_0000100.safetensors      --posthoc_ema: the EMA profiles at that step (`ddpmkit.phema`)
 
 Everything is written so that a kill or a full disk leaves the previous version intact: small files by an
 atomic rename, checkpoints and pipelines in a staging folder (`.tmp_*`) moved into place when complete.
@@ -28,9 +31,12 @@ META_FILE = "ddpmkit.json"  # beside model_index.json: class names and how the m
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "train_state.json"
 LOSS_LOG = "loss.jsonl"
+EVAL_LOG = "eval.jsonl"  # --eval_every: one line per evaluation during training
+BEST_PIPELINE = "best"  # --keep_best: the pipeline with the lowest FID so far
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_MARKER = "training_state.json"  # written last: a checkpoint folder without it is incomplete
 PROCESS_STATE = "ddpmkit_state_{}.pt"  # per process: the batch position and the generators
+PHEMA_DIR = "phema"  # post-hoc EMA snapshots, one safetensors file per step
 
 
 # ---------------------------------------------------------------------- ddpmkit.json, train_config.json, train_state
@@ -123,6 +129,27 @@ class LossLog:
         return kept
 
 
+class EvalLog(LossLog):
+    """A run's eval.jsonl (--eval_every): one line per evaluation during training, appended as it is made."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / EVAL_LOG
+
+    def replace(self, records: list[dict]) -> None:
+        """The log as `records` (a resumed checkpoint's history: the evaluations logged after it go)."""
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_eval_log(folder: str | os.PathLike) -> list[dict]:
+    """The evaluations of a run (its eval.jsonl), oldest first; [] without one."""
+    return EvalLog(folder).records()
+
+
+def best_pipeline_dir(output_dir: str | os.PathLike) -> Path:
+    """Where --keep_best keeps the pipeline with the lowest FID so far."""
+    return Path(output_dir) / BEST_PIPELINE
+
+
 # ---------------------------------------------------------------------- checkpoints
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
@@ -141,6 +168,21 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def read_checkpoint_marker(checkpoint: Path) -> dict:
     """{"global_step": N, "num_processes": P} of a complete checkpoint."""
     return json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+
+
+def read_checkpoint_weights(checkpoint: Path) -> dict | None:
+    """The UNet's raw weights (not the EMA's) in a checkpoint, as accelerate's `save_state` wrote the first prepared
+    model (model.safetensors, or pytorch_model.bin); None when there is neither. DDP's `module.` prefix is removed."""
+    import torch
+    from safetensors.torch import load_file
+
+    if (checkpoint / "model.safetensors").is_file():
+        state = load_file(str(checkpoint / "model.safetensors"))
+    elif (checkpoint / "pytorch_model.bin").is_file():
+        state = torch.load(checkpoint / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        return None
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def process_state_file(checkpoint: Path, process_index: int) -> Path:
@@ -253,6 +295,70 @@ def commit_pipeline(staged: Path, folder: Path) -> None:
     fsync_dir(folder)
     remove(old)
     remove(staged)
+
+
+# ---------------------------------------------------------------------- post-hoc EMA snapshots (phema/)
+def phema_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / PHEMA_DIR
+
+
+def phema_snapshots(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete post-hoc EMA snapshots of a run, [(step, file)] oldest first (a write a kill cut short has
+    its temporary name, and is not listed)."""
+    found = []
+    for path in phema_dir(output_dir).glob("step_*.safetensors"):
+        digits = path.name[len("step_"):-len(".safetensors")]
+        if digits.isdigit():
+            found.append((int(digits), path))
+    return sorted(found)
+
+
+def write_phema_snapshot(output_dir: str | os.PathLike, step: int, tensors: dict, metadata: dict[str, str]) -> Path:
+    """One snapshot, whole or not at all: written under a temporary name, flushed, then renamed."""
+    from safetensors.torch import save_file
+
+    folder = phema_dir(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.safetensors"
+    tmp = path.with_name(f".tmp_{path.name}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(folder)
+    return path
+
+
+def drop_phema_snapshots(output_dir: str | os.PathLike, after: int) -> None:
+    """Remove the snapshots of steps after `after` (a resumed run writes them again; a new run in an old folder
+    starts with none) and the temporary files of killed writes."""
+    for step, path in phema_snapshots(output_dir):
+        if step > after:
+            path.unlink()
+    for leftover in phema_dir(output_dir).glob(".tmp_*"):
+        leftover.unlink()
+
+
+def read_phema_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a snapshot (its step, profiles and the model's configs), without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        raise UserError(f"cannot read the post-hoc EMA snapshot {path} ({err}): delete it and use the others") \
+            from None
+
+
+def read_phema_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 # ---------------------------------------------------------------------- files that are complete or absent

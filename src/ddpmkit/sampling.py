@@ -320,7 +320,7 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
         timesteps = [float(t) for t in sched.timesteps]
         extra_calls = sum(guided_steps(sched, interval)) if rows == 2 else 0
         x = initial_noise(unet, sched, num_images, generator)
-        with unet_for_sampling(unet, speed.dtype, speed.channels_last) as model_unet, \
+        with unet_for_sampling(unet, speed.dtype, speed.channels_last, speed.graphs) as model_unet, \
                 _optional(guide_unet, speed) as guide_model:
             x, trajectory, losses = denoise(model_unet, sched, x, generator=generator, eta=eta, guidance=guidance,
                                             class_labels=labels, cfg_scale=cfg_scale,
@@ -330,12 +330,17 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     result = x.float().cpu().clamp(-1, 1)
     if not torch.isfinite(result).all():
         logger.warning("some samples are not finite: the model or the scheduler settings diverged")
+    _record_guidance(settings, interval, autoguide if guide_unet is not None else None, autoguide_scale)
+    return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses], settings, extra_calls)
+
+
+def _record_guidance(settings: dict, interval, autoguide, autoguide_scale: float) -> None:
+    """What guided the run, in its settings: the interval, and the guide (its folder or name) and scale."""
     if interval is not None:
         settings["guidance_interval"] = interval.describe()
-    if guide_unet is not None:
+    if autoguide is not None:
         settings.update(autoguide=str(getattr(getattr(autoguide, "config", None), "_name_or_path", autoguide)),
                         autoguide_scale=autoguide_scale)
-    return SampleOutput(result, len(timesteps), timesteps, trajectory, [losses], settings, extra_calls)
 
 
 def initial_noise(unet, scheduler, num_images: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -426,7 +431,7 @@ def _optional(guide_unet, speed):
     if guide_unet is None:
         yield None
         return
-    with unet_for_sampling(guide_unet, speed.dtype, speed.channels_last) as model:
+    with unet_for_sampling(guide_unet, speed.dtype, speed.channels_last, speed.graphs) as model:
         yield model
 
 

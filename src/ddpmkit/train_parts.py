@@ -139,10 +139,21 @@ def run_seed(config: TrainConfig) -> int:
     return int(broadcast_object_list([int.from_bytes(os.urandom(8), "little") >> 1])[0])
 
 
-def build_hooks(config: TrainConfig, unet, accelerator) -> list:
-    """The `trainer.TrainingHook`s this config asks for, in the order they run after each step."""
-    hooks = []
-    return hooks
+class TrainingHook:
+    """A piece that rides along the loop without the loop knowing it (post-hoc EMA, quality while training).
+
+    `trainer.build_hooks` makes them from the config. A hook with `state_dict` / `load_state_dict` is saved in
+    every checkpoint and restored on resume (accelerate's `register_for_checkpointing`), so a resumed run continues
+    it exactly. Every method is optional; each gets the Trainer."""
+
+    def after_step(self, trainer) -> None:
+        """After each optimizer step's loss is recorded, before that step's saves and checkpoint."""
+
+    def add_to_pipeline(self, trainer, staged: Path, final: bool) -> None:
+        """Files to add to a pipeline folder being saved (`staged`, moved into place when complete)."""
+
+    def finish(self, trainer) -> None:
+        """After the final pipeline is saved."""
 
 
 def make_ema(config: TrainConfig, unet):

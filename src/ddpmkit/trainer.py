@@ -26,11 +26,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpmkit import runs
+from ddpmkit.capture import CapturedStep, optimizer_options, training_graphs
 from ddpmkit.config import TrainConfig, make_config
 from ddpmkit.data import ImageData, ShuffledBatches, derive_seed
 from ddpmkit.errors import Interrupted
 from ddpmkit.images import bars_enabled, plot_loss_curve
-from ddpmkit.train_parts import (StepLosses, build_hooks, build_model, check_before_loading, compile_unet, load_data,
+from ddpmkit.phema_hook import PostHocEMA
+from ddpmkit.train_eval import QualityDuringTraining
+from ddpmkit.train_parts import (StepLosses, TrainingHook, build_model, check_before_loading, compile_unet, load_data,
                                  load_pretrained, make_accelerator, make_ema, raise_if_failed, read_checkpoint,
                                  run_seed, sample_grid, total_steps, training_pipeline, weights_checksums,
                                  write_checkpoint)
@@ -42,21 +45,14 @@ logger = logging.getLogger(__name__)
 StepCallback = Callable[[dict], None]
 
 
-class TrainingHook:
-    """A piece that rides along the loop without the loop knowing it (post-hoc EMA, quality while training).
-
-    `train_parts.build_hooks` makes them from the config. A hook with `state_dict` / `load_state_dict` is saved in
-    every checkpoint and restored on resume (accelerate's `register_for_checkpointing`), so a resumed run continues
-    it exactly. Every method is optional; each gets the Trainer."""
-
-    def after_step(self, trainer: "Trainer") -> None:
-        """After each optimizer step's loss is recorded, before that step's saves and checkpoint."""
-
-    def add_to_pipeline(self, trainer: "Trainer", staged: Path, final: bool) -> None:
-        """Files to add to a pipeline folder being saved (`staged`, moved into place when complete)."""
-
-    def finish(self, trainer: "Trainer") -> None:
-        """After the final pipeline is saved."""
+def build_hooks(config: TrainConfig, unet, accelerator) -> list[TrainingHook]:
+    """The `TrainingHook`s this config asks for, in the order they run after each step."""
+    hooks: list[TrainingHook] = []
+    if config.posthoc_ema:  # EDM2's power-function EMAs and their snapshots
+        hooks.append(PostHocEMA(config, unet, accelerator))
+    if config.eval_every:  # FID and KID every N steps, and the best pipeline kept
+        hooks.append(QualityDuringTraining(config, accelerator))
+    return hooks
 
 
 def train(config: TrainConfig | None = None, data: ImageData | None = None, callback: StepCallback | None = None,
@@ -105,10 +101,8 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 def drop_labels(labels: torch.Tensor, null_class: int, drop_prob: float, generator: torch.Generator) -> torch.Tensor:
     """Classifier-free guidance's label dropout (Ho & Salimans 2022): the null class for `drop_prob` of the images,
     and for those without a label (-1)."""
-    labels = labels.clone()
     drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < drop_prob
-    labels[drop | (labels < 0)] = null_class
-    return labels
+    return torch.where(drop | (labels < 0), null_class, labels)  # not a masked assignment: no host sync (CUDA graphs)
 
 
 class Trainer:
@@ -132,14 +126,17 @@ class Trainer:
         # timesteps, noise and label drops: one generator per process, saved in every checkpoint
         self.generator = torch.Generator(acc.device).manual_seed(derive_seed(self.seed, acc.process_index, 2))
         self.lr = c.learning_rate()
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=self.lr, weight_decay=c.adam_weight_decay)
+        graphs = training_graphs(c, acc)  # --compile on CUDA: the step captured in CUDA graphs (ddpmkit.capture)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=self.lr, weight_decay=c.adam_weight_decay,
+                                      **optimizer_options(graphs))
         self.ema = make_ema(c, unet)
         if c.channels_last:
             unet.to(memory_format=torch.channels_last)
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
-        self.compiled = compile_unet(self.unet) if c.compile else None  # for full training batches only
+        # for full training batches only; inside the captured step with --compile_kernels
+        self.compiled = compile_unet(self.unet) if c.compile and (graphs is None or c.compile_kernels) else None
         self.batches = ShuffledBatches(self.data, c.batch_size, self.seed, c.random_flip, acc.device,
-                                       acc.process_index, acc.num_processes)
+                                       acc.process_index, acc.num_processes, drop_last=graphs is not None)
         self.total_steps = total_steps(c, len(self.batches))
         self.lr_scheduler = get_scheduler(c.lr_scheduler, optimizer, num_warmup_steps=c.lr_warmup_steps,
                                           num_training_steps=self.total_steps)
@@ -147,6 +144,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.to(acc.device)
             acc.register_for_checkpointing(self.ema)
+        self.captured = CapturedStep(self, graphs) if graphs is not None else None
         self.hooks: list[TrainingHook] = build_hooks(c, self.unet, acc)
         for hook in self.hooks:
             if hasattr(hook, "state_dict"):
@@ -192,6 +190,8 @@ class Trainer:
 
     def run_step(self, batch: dict) -> torch.Tensor:
         """One micro-batch under `accumulate`: forward, backward (loss / accumulation steps), maybe step."""
+        if self.captured is not None:  # the same step, replayed from CUDA graphs
+            return self.captured.run_step(batch)
         acc = self.accelerator
         with acc.accumulate(self.unet):
             loss = self.forward_backward(batch)
@@ -269,7 +269,10 @@ class Trainer:
         if not self.losses.read_due(self.global_step, self.total_steps, self.stop_signal):
             return loss, 0
         last, stop = self.losses.read(self.stop_signal, self.last_checkpoint)
-        self.progress.set_postfix(loss=f"{last:.4f}", img_s=f"{rate:.0f}")
+        # the time to --max_steps at this run's measured rate (evaluations and saves included, over resumes)
+        eta = tqdm.format_interval((self.total_steps - self.global_step) * self.train_s / self.global_step)
+        shown = {k: v for hook in self.hooks for k, v in getattr(hook, "postfix", {}).items()}  # e.g. the last FID
+        self.progress.set_postfix(loss=f"{last:.4f}", img_s=f"{rate:.0f}", eta=eta, **shown)
         return loss, stop
 
     def stop(self, signum: int):

@@ -1,4 +1,4 @@
-"""Speed choices for sampling on this device: the UNet's dtype, memory format and micro-batch size.
+"""Speed choices for sampling on this device: the UNet's dtype, memory format, micro-batch size and CUDA graphs.
 
 `dtype="auto"` takes bf16 only where the hardware computes it natively (a CUDA GPU with bf16, or a CPU
 with avx512_bf16 or AMX) and a measurement on this model says it is faster; elsewhere float32 (on an
@@ -6,6 +6,10 @@ AVX2-only CPU bf16 is emulated and far slower). Channels-last and the micro-batc
 with the highest images/s) are measured too, once per device, architecture, size, dtype and thread
 count, and kept in `autotune.json` under $DDPMKIT_CACHE (default ~/.cache/ddpmkit). Delete the file to
 measure again; `batch_size=` and `channels_last=` override the measured choice.
+
+On a CUDA GPU, with `dtype="auto"`, the UNet calls are also replayed from CUDA graphs (`capture.GraphedUNet`) where
+that measures faster than launching them; it is decided first, and the dtype, format and batch are then measured as
+the calls would run. `dtype="fp32"` keeps DDPMPipeline's eager calls. The CPU never uses graphs.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ddpmkit import capture
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -39,16 +44,20 @@ ROUNDS = 3  # each setting is timed once per round, the rounds interleaved; its 
 
 @dataclass(frozen=True)
 class SpeedChoice:
-    """How `sample` calls the UNet: in `dtype`, channels-last or not, `batch_size` images per call."""
+    """How `sample` calls the UNet: in `dtype`, channels-last or not, `batch_size` images per call, replayed from
+    CUDA graphs or not."""
 
     dtype: torch.dtype
     channels_last: bool
     batch_size: int
     why: str
+    graphs: bool = False
 
     def describe(self) -> str:
         name = next(k for k, v in DTYPES.items() if v == self.dtype)
-        return f"{name}, {'channels-last' if self.channels_last else 'contiguous'}, micro-batch {self.batch_size} ({self.why})"
+        replayed = ", CUDA graphs" if self.graphs else ""
+        return (f"{name}, {'channels-last' if self.channels_last else 'contiguous'}, micro-batch {self.batch_size}"
+                f"{replayed} ({self.why})")
 
 
 @lru_cache(maxsize=1)
@@ -97,19 +106,22 @@ def cache_file() -> Path:
 
 
 def choose(unet, num_images: int, dtype: str = "auto", batch_size: int | None = None,
-           channels_last: bool | None = None) -> SpeedChoice:
-    """The dtype, memory format and micro-batch for sampling `num_images` with `unet` on its device.
+           channels_last: bool | None = None, graphs: bool | None = None) -> SpeedChoice:
+    """The dtype, memory format, micro-batch and CUDA graphs for sampling `num_images` with `unet` on its device.
 
     `dtype="fp32"` keeps DDPMPipeline's arithmetic: contiguous float32, all images in one call (up to
-    MAX_BATCH), nothing measured. Micro-batches change the UNet's output by float rounding only (~1e-6):
-    the scheduler always sees every image at once, so the images stay the same.
+    MAX_BATCH), eager calls, nothing measured. Micro-batches change the UNet's output by float rounding only
+    (~1e-6): the scheduler always sees every image at once, so the images stay the same. `graphs`: None measures
+    (CUDA, dtype auto), False or True decide (True needs a CUDA GPU); a replayed call computes what the eager one does.
     """
     if dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {dtype!r})")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch_size must be at least 1 (got {batch_size})")
     device = unet.device
-    torch_dtype, why = _resolve_dtype(unet, dtype, device, num_images)
+    graphs, graphs_why = _resolve_graphs(unet, dtype, graphs, num_images)
+    torch_dtype, why = _resolve_dtype(unet, dtype, device, num_images, graphs)
+    why += graphs_why
     if dtype in ("bf16", "fp16") and device.type == "cpu" and not native_bf16(device):
         logger.warning("--dtype %s on a CPU without native reduced precision (no avx512_bf16/AMX): it is emulated "
                        "and much slower than fp32; --dtype auto picks fp32 here", dtype)
@@ -117,16 +129,35 @@ def choose(unet, num_images: int, dtype: str = "auto", batch_size: int | None = 
     if dtype == "fp32" and channels_last is None:  # asked for by name: DDPMPipeline's arithmetic, bit for bit
         channels_last, batch_size = False, batch_size or max_batch
     if not any(p.dim() == 4 for p in unet.parameters()):  # no convolutions (an analytic model): nothing to tune
-        return SpeedChoice(torch_dtype, False, batch_size or num_images, why)
+        return SpeedChoice(torch_dtype, False, batch_size or num_images, why, graphs)
     if batch_size is not None and channels_last is not None:
-        return SpeedChoice(torch_dtype, channels_last, batch_size, why + "; batch size and format as given")
+        return SpeedChoice(torch_dtype, channels_last, batch_size, why + "; batch size and format as given", graphs)
     if max_batch <= BATCHES[0] and batch_size is None:
-        return SpeedChoice(torch_dtype, bool(channels_last), num_images, why + f"; {num_images} image(s): one call")
-    tuned = _tuned(unet, torch_dtype, max_batch, batch_size, channels_last)
-    return SpeedChoice(torch_dtype, tuned[0], tuned[1], why + "; " + tuned[2])
+        return SpeedChoice(torch_dtype, bool(channels_last), num_images, why + f"; {num_images} image(s): one call",
+                           graphs)
+    tuned = _tuned(unet, torch_dtype, max_batch, batch_size, channels_last, graphs)
+    return SpeedChoice(torch_dtype, tuned[0], tuned[1], why + "; " + tuned[2], graphs)
 
 
-def _resolve_dtype(unet, dtype: str, device: torch.device, num_images: int) -> tuple[torch.dtype, str]:
+def _resolve_graphs(unet, dtype: str, graphs: bool | None, num_images: int) -> tuple[bool, str]:
+    """(replay the calls from CUDA graphs, why): measured on a CUDA GPU with dtype auto, eager elsewhere."""
+    if capture.cuda_graphs(unet.device) is None:
+        if graphs:
+            raise UserError("CUDA graphs need a CUDA GPU: sample with graphs=None or False here")
+        return False, ""
+    if graphs is not None:
+        return graphs, "; CUDA graphs as asked" if graphs else ""
+    if dtype == "fp32" or not any(p.dim() == 4 for p in unet.parameters()):
+        return False, ""  # fp32 by name: DDPMPipeline's calls; an analytic model: nothing to replay
+    probe = min(num_images, FORMAT_PROBE.get(unet.device.type, 16))
+    speeds = _cached_measurements(unet, "graphs", {mode: (unet.dtype, False, probe, mode == "graphs")
+                                                   for mode in ("eager", "graphs")})
+    ratio = speeds["graphs"] / speeds["eager"]
+    return ratio >= FASTER, f"; CUDA graphs measured {ratio:.2f}x eager calls"
+
+
+def _resolve_dtype(unet, dtype: str, device: torch.device, num_images: int,
+                   graphs: bool = False) -> tuple[torch.dtype, str]:
     if dtype != "auto":
         return DTYPES[dtype], f"dtype {dtype} as asked"
     if unet.dtype != torch.float32:
@@ -135,31 +166,39 @@ def _resolve_dtype(unet, dtype: str, device: torch.device, num_images: int) -> t
         where = "this GPU" if device.type == "cuda" else "this CPU (no avx512_bf16 or AMX)"
         return torch.float32, f"fp32: no native bf16 on {where}"
     probe = min(num_images, FORMAT_PROBE.get(device.type, 16))
-    speeds = _cached_measurements(unet, "dtype", {name: (DTYPES[name], False, probe) for name in ("fp32", "bf16")})
+    speeds = _cached_measurements(unet, "dtype" + _replayed(graphs), {name: (DTYPES[name], False, probe, graphs)
+                                                                     for name in ("fp32", "bf16")})
     if speeds["bf16"] >= FASTER * speeds["fp32"]:
         return torch.bfloat16, f"bf16: native and measured {speeds['bf16'] / speeds['fp32']:.2f}x fp32"
     return torch.float32, f"fp32: bf16 is native but measured {speeds['bf16'] / speeds['fp32']:.2f}x fp32"
 
 
 def _tuned(unet, dtype: torch.dtype, max_batch: int, batch_size: int | None,
-           channels_last: bool | None) -> tuple[bool, int, str]:
+           channels_last: bool | None, graphs: bool = False) -> tuple[bool, int, str]:
     """(channels_last, batch_size, why): the format at a probe batch, then the fastest batch in that format."""
     device = unet.device
     why = []
     if channels_last is None:
         probe = batch_size or min(max_batch, FORMAT_PROBE.get(device.type, 16))
-        speeds = _cached_measurements(unet, f"format {dtype}", {fmt: (dtype, fmt == "channels_last", probe)
-                                                       for fmt in ("contiguous", "channels_last")})
+        speeds = _cached_measurements(unet, f"format {dtype}{_replayed(graphs)}",
+                                      {fmt: (dtype, fmt == "channels_last", probe, graphs)
+                                       for fmt in ("contiguous", "channels_last")})
         channels_last = speeds["channels_last"] >= FASTER * speeds["contiguous"]
         why.append(f"channels-last measured {speeds['channels_last'] / speeds['contiguous']:.2f}x contiguous")
     if batch_size is None:
         candidates = sorted({b for b in BATCHES if b < max_batch} | {max_batch})  # all at once is a candidate too
         layout = "channels-last" if channels_last else "contiguous"
-        speeds = _cached_measurements(unet, f"batch {dtype} {layout}", {b: (dtype, channels_last, b) for b in candidates})
+        speeds = _cached_measurements(unet, f"batch {dtype} {layout}{_replayed(graphs)}",
+                                      {b: (dtype, channels_last, b, graphs) for b in candidates})
         best = max(candidates, key=lambda b: speeds[b])
         batch_size = best if speeds[best] >= FASTER * speeds[max_batch] else max_batch
         why.append("fastest of micro-batches " + ", ".join(f"{b}: {speeds[b]:.0f}" for b in candidates) + " img/s")
     return channels_last, batch_size, "; ".join(why)
+
+
+def _replayed(graphs: bool) -> str:
+    """The cache entries of replayed calls are their own (the CPU's keep their names)."""
+    return " graphs" if graphs else ""
 
 
 def _cache_key(unet, what: str) -> str:
@@ -170,7 +209,8 @@ def _cache_key(unet, what: str) -> str:
 
 
 def _cached_measurements(unet, what: str, settings: dict) -> dict:
-    """images/s of each setting {name: (dtype, channels_last, batch)}, measured once and kept in the cache file."""
+    """images/s of each setting {name: (dtype, channels_last, batch, graphs)}, measured once and kept in the cache
+    file."""
     path = cache_file()
     try:
         cache = json.loads(path.read_text())
@@ -184,16 +224,18 @@ def _cached_measurements(unet, what: str, settings: dict) -> dict:
         logger.info("measuring the sampling speed of this model on %s (%s: %s), once; kept in %s",
                     entry["device"], what, ", ".join(map(str, missing)), path)
         models: dict = {}  # one copy of the UNet per (dtype, format), shared by the batch sizes
-        runs = {name: _forward(unet, *setting, models) for name, setting in missing.items()}
+        runs = {name: _forward(unet, dtype, cl, batch, models, graphs=graphs)
+                for name, (dtype, cl, batch, graphs) in missing.items()}
         best = {name: float("inf") for name in runs}
         with torch.inference_mode():
             for name, run in runs.items():
-                run()  # warm-up: kernels, allocator, caches
+                for _ in range(2 if missing[name][3] else 1):  # warm-up: kernels, allocator, caches (and the capture)
+                    run()
             for _ in range(ROUNDS):  # interleaved, so a busy moment of the machine hits every setting alike
                 for name, run in runs.items():
                     best[name] = min(best[name], _timed(run, unet.device))
-        for name, (dtype, channels_last, batch) in missing.items():
-            known[str(name)] = round(batch / best[name], 3)
+        for name, setting in missing.items():
+            known[str(name)] = round(setting[2] / best[name], 3)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -204,14 +246,16 @@ def _cached_measurements(unet, what: str, settings: dict) -> dict:
     return {name: known[str(name)] for name in settings}
 
 
-def _forward(unet, dtype: torch.dtype, channels_last: bool, batch: int, models: dict):
-    """A UNet call at one setting as sampling makes it (float32 in, cast, forward, float32 out), on random
-    inputs, as a function of nothing (on a copy of the UNet)."""
+def _forward(unet, dtype: torch.dtype, channels_last: bool, batch: int, models: dict, graphs: bool = False):
+    """A UNet call at one setting as sampling makes it (float32 in, cast, forward, float32 out; replayed from a CUDA
+    graph with `graphs`), on random inputs, as a function of nothing (on a copy of the UNet)."""
     if (dtype, channels_last) not in models:
         model = copy.deepcopy(unet)
         model = model if dtype == unet.dtype else model.to(dtype)
         models[dtype, channels_last] = model.to(memory_format=torch.channels_last) if channels_last else model
     model = models[dtype, channels_last]
+    if graphs:  # its own graphs, kept while this measurement runs
+        model = capture.GraphedUNet(model, capture.cuda_graphs(unet.device))
     size = unet.config.sample_size
     hw = (size, size) if isinstance(size, int) else tuple(size)
     x = torch.randn(batch, unet.config.in_channels, *hw, device=unet.device)  # the sampler's float32 x
@@ -232,18 +276,20 @@ def _timed(run, device: torch.device) -> float:
 
 
 @contextmanager
-def unet_for_sampling(unet, dtype: torch.dtype, channels_last: bool):
+def unet_for_sampling(unet, dtype: torch.dtype, channels_last: bool, graphs: bool = False):
     """The UNet to sample with: a copy when the dtype changes (the caller's weights stay as they are),
-    else the module itself, switched to channels-last in place for the duration only."""
+    else the module itself, switched to channels-last in place for the duration only; with `graphs` (CUDA), its
+    calls replayed from CUDA graphs, one per input shape, released afterwards."""
     model = unet if dtype == unet.dtype else copy.deepcopy(unet).to(dtype)
     convs = [p for p in model.parameters() if p.dim() == 4]
     switch = channels_last and model is unet and not all(p.is_contiguous(memory_format=torch.channels_last)
                                                          for p in convs)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    backend = capture.cuda_graphs(model.device) if graphs else None
     try:
         with fixed_dtype(model):
-            yield model
+            yield capture.GraphedUNet(model, backend) if backend is not None else model
     finally:
         if switch:
             unet.to(memory_format=torch.contiguous_format)

@@ -12,10 +12,11 @@ import logging
 import os
 import sys
 
-from ddpmkit.cli.arguments import (EVAL_DESCRIPTION, add_config_arguments, add_eval_arguments, add_sample_arguments,
+from ddpmkit.cli.arguments import (DOCTOR_DESCRIPTION, EMA_DESCRIPTION, EVAL_DESCRIPTION, add_config_arguments,
+                                   add_doctor_arguments, add_ema_arguments, add_eval_arguments, add_sample_arguments,
                                    config_from_args, scheduler_defaults_text)
-from ddpmkit.cli.commands import (cmd_eval, cmd_models, cmd_sample, cmd_schedule, cmd_schedulers, cmd_serve,
-                                  cmd_train)
+from ddpmkit.cli.commands import (cmd_doctor, cmd_ema, cmd_eval, cmd_models, cmd_sample, cmd_schedule, cmd_schedulers,
+                                  cmd_serve, cmd_train)
 from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
 from ddpmkit.errors import Interrupted, UserError
 
@@ -52,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description=EVAL_DESCRIPTION)
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ema", help="make the EMA of any length from a run trained with --posthoc_ema, as a pipeline",
+                       description=EMA_DESCRIPTION)
+    add_ema_arguments(p)
+    p.set_defaults(func=cmd_ema)
+
+    p = sub.add_parser("doctor", help="why a model samples noise: data range, overfitting one batch, the saved "
+                       "scheduler against the training config, EMA against raw weights, ddpm against the default "
+                       "sampler", description=DOCTOR_DESCRIPTION)
+    add_doctor_arguments(p)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("models", help="list the bundled models, the pipeline folders under --models_dir and "
                        "Hub pipelines in the local cache, with sizes and classes")

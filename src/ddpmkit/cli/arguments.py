@@ -211,6 +211,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="how both sides are resized to 299x299: clean (default; clean-fid's PIL bicubic, the resize of "
                         "the figures users compare with) or torch-bicubic (ddpmkit's before 2026-12)")
     p.add_argument("--device", default=None, help=f"where to sample and extract features: {devices.HELP}")
+    p.add_argument("--nearest", type=int, default=0, metavar="K",
+                   help="memorization: each generated image's K nearest training images, in Inception features and "
+                        "in pixels; the share of copies (closer to a training image than the 1st percentile of the "
+                        "training images' own nearest-neighbour distances) and a grid of the closest pairs "
+                        "(docs/evaluation.md)")
+    p.add_argument("--nearest_grid", default=None, metavar="PNG",
+                   help="where --nearest writes its grid (default: beside --out as OUT_nearest.png, else nearest.png)")
     p.add_argument("--sigma_rel", default=None, metavar="S1,S2,...",
                    help="with --model RUN (a run trained with --posthoc_ema): evaluate the EMA of each of these "
                         "lengths (e.g. 0.05,0.07,0.10,0.15), reconstructed from the run's snapshots, with the same "
@@ -231,8 +238,41 @@ def add_ema_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="the run folder (--output_dir of a training with --posthoc_ema)")
     p.add_argument("--sigma_rel", type=float, required=True, metavar="S",
                    help="the EMA length: the standard deviation of its averaging window relative to the steps "
-                        "trained, between 0 and 0.28 (EDM2's best are 0.05-0.15; those near the tracked "
+                        "trained, between 0 and 0.28 (EDM2's models use 0.04 to 0.13; lengths near the tracked "
                         "--posthoc_ema_sigma_rels are the most exact)")
     p.add_argument("--step", type=int, default=None, metavar="N",
                    help="the EMA as it was at step N (default: the run's last snapshot)")
     p.add_argument("--out", required=True, metavar="DIR", help="the pipeline folder to write")
+
+
+DOCTOR_DESCRIPTION = """Why does a model sample noise? One line a check: 'ok', 'problem: ... -> what to do', or 'skip'.
+  data     a real training batch as the model sees it ([-1, 1], channels, size; a grid in REPORT_DIR/batch.png),
+           and whether the samples stay in [0, 1] (a model trained on [0, 1] data)
+  overfit  a new model must lower the loss on one fixed batch in 40 steps at the run's --lr
+  config   the saved scheduler (prediction type, schedule, T) and the UNet's size against the training config,
+           and which target (eps, x0, v) the UNet's outputs fit
+  ema      with --use_ema: KID of the EMA weights against the newest checkpoint's raw weights, the EMA's decay
+  sampler  ddpm at full steps against --scheduler, against the data's pixel statistics (REPORT_DIR/samplers.png)
+TARGET: a run folder (--output_dir of a training), a pipeline folder, a bundled name or a Hub id; without it, the
+train flags describe a run before it starts (ddpmkit doctor --dataset emoji --lr 1e-3). With TARGET, a train flag
+given with another value than its default goes over the saved config (e.g. --lr to try another learning rate;
+--dataset for a pipeline without a training config). Exit status 1 when a problem is found. See docs/doctor.md."""
+
+
+def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpmkit.config import TrainConfig
+    from ddpmkit.doctor import CHECKS
+    from ddpmkit.schedulers import scheduler_names
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("target", nargs="?", default=None, metavar="TARGET",
+                   help="run folder, pipeline folder, bundled name or Hub id (default: the train flags below)")
+    p.add_argument("--checks", default=",".join(CHECKS), metavar="NAME,...",
+                   help=f"the checks to run, of {', '.join(CHECKS)} (default: all)")
+    p.add_argument("--report_dir", default="doctor", metavar="DIR",
+                   help="where the grids go: batch.png, samplers.png (default: %(default)s)")
+    p.add_argument("--scheduler", default="auto", choices=["auto", *scheduler_names()], metavar="NAME",
+                   help="the sampler the sampler check compares with ddpm at full steps (default: auto, the default "
+                        "of 'ddpmkit sample')")
+    add_config_arguments(p.add_argument_group("train flags (a run before training, or what to change in TARGET's)"),
+                         TrainConfig)

@@ -152,23 +152,38 @@ def cmd_eval(args) -> int:
                               batch_size=args.batch_size,
                               autoguide=args.autoguide, autoguide_scale=args.autoguide_scale,
                               guidance_interval=args.guidance_interval)
+    measure = evaluate
     if args.sigma_rel is not None:  # one evaluation per EMA length, reconstructed from the run's snapshots
         from functools import partial
 
         from ddpmkit.phema import sweep
 
-        evaluate = partial(sweep, sigma_rels=args.sigma_rel)
-    result = evaluate(args.model, images=args.images, vs_dataset=args.vs_dataset, dataset=args.dataset,
-                      num_images=args.num_images, sampler=sampler, seed=args.seed, class_label=args.class_label,
-                      cfg_scale=args.cfg_scale, per_class=args.per_class, split=args.split,
-                      split_fraction=args.split_fraction, image_size=args.image_size, image_column=args.image_column,
-                      label_column=args.label_column, cache_dir=args.cache_dir, floor=args.floor, device=args.device,
-                      resize=args.resize, progress=not args.quiet)
+        measure = partial(sweep, sigma_rels=args.sigma_rel)
+    result = measure(args.model, images=args.images, vs_dataset=args.vs_dataset, dataset=args.dataset,
+                     num_images=args.num_images, sampler=sampler, seed=args.seed, class_label=args.class_label,
+                     cfg_scale=args.cfg_scale, per_class=args.per_class, split=args.split,
+                     split_fraction=args.split_fraction, image_size=args.image_size, image_column=args.image_column,
+                     label_column=args.label_column, cache_dir=args.cache_dir, floor=args.floor, device=args.device,
+                     resize=args.resize, progress=not args.quiet, **_nearest_options(args))
     for line in result.lines():
         print(line)
     if args.out:
         logging.getLogger("ddpmkit").info("wrote %s", result.save(args.out))
     return 0
+
+
+def _nearest_options(args) -> dict:
+    """--nearest K and where its grid goes (--nearest_grid, else beside --out, else nearest.png); {} without it."""
+    if not args.nearest:
+        return {}
+    if args.sigma_rel is not None:
+        raise UserError("--nearest looks for copies in one model at a time: drop --sigma_rel, or save that EMA with "
+                        "'ddpmkit ema' and evaluate its folder")
+    grid = args.nearest_grid or (str(Path(args.out).with_name(Path(args.out).stem + "_nearest.png")) if args.out
+                                 else "nearest.png")
+    if Path(grid).suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--nearest_grid {grid} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    return {"nearest": args.nearest, "nearest_grid": grid}
 
 
 def cmd_ema(args) -> int:
@@ -178,6 +193,21 @@ def cmd_ema(args) -> int:
     logging.getLogger("ddpmkit").info("wrote %s: %s; sample it with: ddpmkit sample --model %s", path,
                                       describe(info), path)
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from ddpmkit.doctor import doctor
+
+    checks = [name.strip() for name in args.checks.split(",") if name.strip()]
+    if args.target is None:  # before training: the train flags are the config
+        overrides = config_from_args(TrainConfig, args).to_dict()
+    else:  # the flags given with another value than their default go over the saved config
+        defaults = TrainConfig().to_dict()
+        overrides = {k: v for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    report = doctor(args.target, checks=checks, report_dir=args.report_dir, scheduler=args.scheduler, **overrides)
+    for line in report.lines():
+        print(line)
+    return 1 if report.problems else 0
 
 
 def cmd_models(args) -> int:

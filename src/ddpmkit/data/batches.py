@@ -27,11 +27,16 @@ class ShuffledBatches:
     order is `randperm(N)` drawn from `derive_seed(seed, e)`, the same on every process; it is padded by
     wrapping to a multiple of `world_size` (as DistributedSampler does) and process r takes every r-th index,
     so that all processes run the same number of batches.
+
+    `drop_last`: every batch has `batch_size` images (static shapes, for a step captured in a CUDA graph): an epoch's
+    short last batch is left out (`dropped` images; the next epoch's order is a new permutation, so each image is
+    still seen). Off, nothing changes: the same batches, order and `state_dict` as without it.
     """
 
     def __init__(self, data: ImageData, batch_size: int, seed: int, random_flip: bool = True,
-                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1):
+                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, drop_last: bool = False):
         self.seed, self.random_flip, self.rank, self.world_size = seed, random_flip, rank, world_size
+        self.drop_last = drop_last
         self.device = torch.device(device)
         n = len(data)
         self.shard_size = -(-n // world_size)  # ceil: every process takes the same number of images
@@ -47,7 +52,14 @@ class ShuffledBatches:
 
     def __len__(self) -> int:
         """Batches per epoch on each process."""
+        if self.drop_last:
+            return self.shard_size // self.batch_size
         return -(-self.shard_size // self.batch_size)
+
+    @property
+    def dropped(self) -> int:
+        """Images per epoch and process left out by `drop_last` (0 without it)."""
+        return self.shard_size - len(self) * self.batch_size if self.drop_last else 0
 
     def order(self, epoch: int) -> torch.Tensor:
         """This process's image indices for `epoch`, in order."""

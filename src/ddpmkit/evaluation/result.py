@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddpmkit.evaluation.nearest import nearest_lines
+
 
 @dataclass
 class EvalResult:
@@ -24,6 +26,7 @@ class EvalResult:
     per_class: dict[str, dict] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    nearest: dict | None = None  # --nearest K: `evaluation.nearest.Nearest.to_dict()` (and the grid's path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -54,10 +57,23 @@ class EvalResult:
                f"precision  {self.precision:.3f}" + (f"   (floor {floor['precision']:.3f})" if floor else ""),
                f"recall     {self.recall:.3f}" + (f"   (floor {floor['recall']:.3f})" if floor else ""),
                f"images     {self.num_generated} evaluated, {self.num_reference} reference ({what})"]
-        for name, c in self.per_class.items():
-            fid = "n/a" if c.get("fid") is None else f"{c['fid']:.2f}"
-            kid = "" if c.get("kid_mean") is None else f", KID {c['kid_mean']:.4f} ± {c['kid_std']:.4f}"
-            out.append(f"class      {name}: FID {fid}{kid} ({c['num_generated']} vs {c['num_reference']} images)")
+        out += [f"class      {name}: {_class_figures(c)}" for name, c in self.per_class.items()]
+        if self.nearest:
+            out += nearest_lines(self.nearest)
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         out.append(f"time       {self.seconds:.1f} s ({parts})")
         return out
+
+
+def _class_figures(c: dict) -> str:
+    """One class's figures as far as its counts allow (`per_class_figures`: FID from as many images a side as the
+    features have dimensions, KID with its spread from a few); the bar it missed, when it missed one."""
+    counts = f"{c['num_generated']} vs {c['num_reference']}"
+    if c.get("fid") is not None:
+        kid = "" if c.get("kid_mean") is None else f", KID {c['kid_mean']:.4f} ± {c['kid_std']:.4f}"
+        return f"FID {c['fid']:.2f}{kid} ({counts} images)"
+    fid_bar = f"; FID needs {c['fid_min_images']} a side" if c.get("fid_min_images") else ""
+    if c.get("kid_mean") is not None:
+        return f"KID {c['kid_mean']:.4f} ± {c['kid_std']:.4f} ({counts} images{fid_bar})"
+    kid_bar = f"; KID needs {c['kid_min_images']} a side" if c.get("kid_min_images") else ""
+    return f"too few images for a figure ({counts}{kid_bar})"
