@@ -160,3 +160,42 @@ def test_sampling_goes_to_the_gpu_by_default_when_there_is_one(monkeypatch):
     assert devices.default_device() == torch.device("mps")
     with pytest.raises(UserError, match="no CUDA GPU is visible"):
         devices.resolve_device("cuda")
+
+
+def test_a_models_default_guidance_is_used_when_none_is_asked_for(pipes, tmp_path, caplog):
+    """A model whose ddpmkit.json stores a default guidance (as the bundled emoji32 may) samples with it from
+    `ddpmkit sample` and `ddpmkit eval` when no guidance is asked for; what is asked for wins; 'none' turns it off."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from ddpmkit import runs
+    from ddpmkit.sampling import model_guidance
+
+    model = tmp_path / "model"
+    shutil.copytree(pipes["root"] / "main", model)
+    guide = str(pipes["root"] / "bad")
+    runs.write_meta(model, {"default_guidance": {"autoguide": guide, "autoguide_scale": 2.5,
+                                                 "guidance_interval": "0.2,50", "why": "FID -20%"}})
+    chosen, note = model_guidance(str(model))
+    assert chosen == {"autoguide": guide, "autoguide_scale": 2.5, "guidance_interval": "0.2,50"}
+    assert note.startswith(f"{model}'s default guidance: autoguidance by {guide} at scale 2.5 in 0.2,50 (FID -20%)")
+    assert model_guidance(str(model), autoguide_scale=3.0)[0]["autoguide_scale"] == 3.0  # a scale given wins
+    assert model_guidance(str(model), autoguide="none") == ({"autoguide": None, "autoguide_scale": 2.0,
+                                                             "guidance_interval": None}, None)
+    assert model_guidance(str(model), cfg_scale=3.0)[1] is None  # CFG asked for: no autoguidance added
+    assert model_guidance(str(pipes["root"] / "main"))[1] is None  # no default stored: plain
+
+    def images(*flags):
+        out = tmp_path / f"{len(list(tmp_path.glob('*.png')))}.png"
+        assert main(["sample", "--model", str(model), "--scheduler", "ddim", "--steps", "4", "--num_images", "2",
+                     "--seed", "0", "--dtype", "fp32", "--save_individual", *flags, "--out", str(out)]) == 0
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(p))) for p in sorted(out.with_suffix("").glob("*.png"))])
+
+    with caplog.at_level("INFO", logger="ddpmkit"):
+        default = images()
+    assert any("default guidance: autoguidance by" in r.getMessage() for r in caplog.records)
+    explicit = images("--autoguide", guide, "--autoguide_scale", "2.5", "--guidance_interval", "0.2,50")
+    plain = images("--autoguide", "none")
+    assert torch.equal(default, explicit) and not torch.equal(default, plain)

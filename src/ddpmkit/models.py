@@ -274,6 +274,16 @@ def class_names(model) -> list[str] | None:
     return model_meta(model).get("class_names")
 
 
+def default_guidance(model) -> dict:
+    """The guidance a model samples with when none is asked for: ddpmkit.json's "default_guidance" ({"autoguide",
+    "autoguide_scale", "guidance_interval", and "why": what it was measured to buy}), {} without one."""
+    try:
+        found = model_meta(model).get("default_guidance")
+    except UserError:  # a damaged ddpmkit.json: no default (loading the model says what is wrong)
+        return {}
+    return dict(found) if isinstance(found, dict) and found.get("autoguide") else {}
+
+
 def trained_on(model) -> str | None:
     """The dataset a ddpmkit model was trained on (ddpmkit.json), or None (unknown, or a damaged file)."""
     try:

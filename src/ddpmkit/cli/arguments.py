@@ -115,9 +115,10 @@ def add_autoguide_options(a) -> None:
     a.add_argument("--autoguide", default=None, metavar="MODEL",
                    help="guide the model with a weaker version of itself (Karras et al. 2024): an earlier checkpoint "
                         "of the same run (RUN/step_N), a smaller model trained the same way, or a bundled name; "
-                        "out = guide + W * (model - guide)")
-    a.add_argument("--autoguide_scale", type=float, default=2.0, metavar="W",
-                   help="autoguidance weight W (1: the model alone; default: 2)")
+                        "out = guide + W * (model - guide). Default: the model's own default guidance when it has "
+                        "one and no other guidance is asked for (emoji32: see 'ddpmkit models'); 'none': without it")
+    a.add_argument("--autoguide_scale", type=float, default=None, metavar="W",
+                   help="autoguidance weight W (1: the model alone; default: the model's default guidance's, else 2)")
     a.add_argument("--guidance_interval", default=None, metavar="LO,HI",
                    help="apply --cfg_scale or --autoguide only at noise levels LO < sigma <= HI (sigma = "
                         "sqrt((1 - alpha_bar) / alpha_bar)), or timesteps with t:LO,HI; elsewhere one model call "

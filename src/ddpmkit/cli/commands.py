@@ -60,7 +60,7 @@ def cmd_sample(args) -> int:
     from ddpmkit.guidance import build_guidance, write_guidance_log
     from ddpmkit.images import labelled_rows, save_grid, save_individual, save_trajectory
     from ddpmkit.models import load_pipeline, sampling_labels
-    from ddpmkit.sampling import sample
+    from ddpmkit.sampling import model_guidance, sample
     from ddpmkit.schedulers import settings_label
 
     log = logging.getLogger("ddpmkit")
@@ -74,9 +74,12 @@ def cmd_sample(args) -> int:
     class_rows, labels = sampling_labels(args.model, pipe.unet.config.num_class_embeds, args.class_label,
                                          args.cfg_scale, args.num_images)
     num_images = len(labels) if class_rows else (args.num_images or 16)
+    guided, note = model_guidance(args.model, args.cfg_scale, args.autoguide, args.autoguide_scale,
+                                  args.guidance_interval)
+    if note:
+        log.info(note)
     common = dict(num_images=num_images, batch_size=args.batch_size, seed=args.seed, guidance=guidance,
-                  class_labels=labels, cfg_scale=args.cfg_scale, autoguide=args.autoguide,
-                  autoguide_scale=args.autoguide_scale, guidance_interval=args.guidance_interval, dtype=args.dtype,
+                  class_labels=labels, cfg_scale=args.cfg_scale, **guided, dtype=args.dtype,
                   channels_last=args.channels_last)
     options = dict(eta=args.eta, karras=args.karras, timestep_spacing=args.timestep_spacing,
                    solver_order=args.solver_order)
@@ -89,7 +92,7 @@ def cmd_sample(args) -> int:
     else:
         save_grid(result.images, out, scale=args.scale)
     ran = result.settings
-    second = f" + {result.guide_calls} of the {'guide' if args.autoguide else 'unconditional half'}" \
+    second = f" + {result.guide_calls} of the {'guide' if guided['autoguide'] else 'unconditional half'}" \
         if result.guide_calls else ""
     log.info("wrote %s (%d images, %s, %d UNet calls per image%s)", out, num_images,
              settings_label(ran["scheduler"], ran, ran["steps"]), result.nfe, second)
@@ -134,7 +137,7 @@ def _sample_compare(args, pipe, out: Path, common: dict, options: dict) -> int:
 def cmd_eval(args) -> int:
     from ddpmkit.evaluation import evaluate
     from ddpmkit.models import trained_on
-    from ddpmkit.sampling import SamplerSettings
+    from ddpmkit.sampling import SamplerSettings, model_guidance
 
     _at_least(args, 1, "steps", "batch_size")
     if args.out and not args.out.endswith(".json"):
@@ -147,11 +150,13 @@ def cmd_eval(args) -> int:
         args.dataset = trained_on(args.model) if args.model else None
         if args.dataset is None:
             raise UserError("give --dataset: the reference images to compare with (e.g. --dataset emoji)")
+    guided, note = model_guidance(args.model, args.cfg_scale, args.autoguide, args.autoguide_scale,
+                                  args.guidance_interval)
+    if note:
+        logging.getLogger("ddpmkit").info(note)
     sampler = SamplerSettings(scheduler=args.scheduler, steps=args.steps, karras=args.karras,
                               timestep_spacing=args.timestep_spacing, solver_order=args.solver_order, dtype=args.dtype,
-                              batch_size=args.batch_size,
-                              autoguide=args.autoguide, autoguide_scale=args.autoguide_scale,
-                              guidance_interval=args.guidance_interval)
+                              batch_size=args.batch_size, **guided)
     measure = evaluate
     if args.sigma_rel is not None:  # one evaluation per EMA length, reconstructed from the run's snapshots
         from functools import partial

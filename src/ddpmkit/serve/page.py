@@ -79,12 +79,15 @@ def _sample_controls(gr, studio: Studio, first) -> dict:
         c["cfg_scale"] = gr.Slider(*SCALE_RANGES["cfg"], value=1.0, step=0.1, label="CFG scale",
                                    info="1 plain conditional, 0 unconditional, 2-5 sharper classes",
                                    visible=bool(first.classes))
-        c["autoguide"] = gr.Dropdown([("none", "")] + [(m.label, m.value) for m in studio.models.values()], value="",
+        preset = _default_guidance(studio)  # the first model's stored default guidance, when its guide is on offer
+        c["autoguide"] = gr.Dropdown([("none", "")] + [(m.label, m.value) for m in studio.models.values()],
+                                     value=preset.get("autoguide", ""),
                                      label="autoguidance: guide with", elem_id="autoguide",
                                      info="a weaker model of the same kind (an earlier checkpoint; emoji32-guide for "
                                           "emoji32): guide + W (model - guide)")
-        c["autoguide_scale"] = gr.Slider(*SCALE_RANGES["autoguide"], value=2.0, step=0.1, label="autoguidance scale W")
-        c["guidance_interval"] = gr.Textbox("", label="guidance interval", placeholder="e.g. 0.28,5.42",
+        c["autoguide_scale"] = gr.Slider(*SCALE_RANGES["autoguide"], value=float(preset.get("autoguide_scale", 2.0)),
+                                         step=0.1, label="autoguidance scale W")
+        c["guidance_interval"] = gr.Textbox(preset.get("guidance_interval") or "", label="guidance interval", placeholder="e.g. 0.28,5.42",
                                             info="CFG / autoguidance only at noise levels LO < sigma <= HI (or "
                                                  "t:LO,HI timesteps); empty: every step")
     return c
@@ -211,3 +214,13 @@ def _pick_model(gr, studio: Studio):
                 gr.update(visible=bool(classes)))
 
     return pick_model
+
+
+def _default_guidance(studio: Studio) -> dict:
+    """The default guidance stored with the model shown first (`models.default_guidance`: emoji32's), when its guide
+    is one of the models on offer; {} otherwise. The page shows it in the controls, so its command line says it."""
+    from ddpmkit.models import default_guidance
+
+    preset = default_guidance(studio.default_model)
+    offered = {m.value for m in studio.models.values()}
+    return preset if preset.get("autoguide") in offered else {}
