@@ -185,6 +185,7 @@ def test_a_models_default_guidance_is_used_when_none_is_asked_for(pipes, tmp_pat
     assert model_guidance(str(model), autoguide="none") == ({"autoguide": None, "autoguide_scale": 2.0,
                                                              "guidance_interval": None}, None)
     assert model_guidance(str(model), cfg_scale=3.0)[1] is None  # CFG asked for: no autoguidance added
+    assert model_guidance(str(model), cfg_scale=1.0)[1] is None  # --cfg_scale 1 given: plain conditional, as asked
     assert model_guidance(str(pipes["root"] / "main"))[1] is None  # no default stored: plain
 
     def images(*flags):

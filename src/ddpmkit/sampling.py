@@ -261,20 +261,21 @@ def guided_steps(scheduler, interval: GuidanceInterval | None) -> list[bool]:
 NO_GUIDE = "none"  # --autoguide none: sample without the model's default guidance
 
 
-def model_guidance(model, cfg_scale: float = 1.0, autoguide=None, autoguide_scale: float | None = None,
+def model_guidance(model, cfg_scale: float | None = None, autoguide=None, autoguide_scale: float | None = None,
                    guidance_interval: str | None = None) -> tuple[dict, str | None]:
     """The autoguidance to sample `model` with, as `sample`'s keyword arguments (autoguide, autoguide_scale,
     guidance_interval), and a line saying so when it is the model's stored default, else None.
 
-    What was asked for wins. When nothing was (no CFG scale, no guide, no interval), a model that stores a default
-    guidance (`models.default_guidance`, e.g. the bundled emoji32) gets it; `autoguide="none"` turns it off. What
-    `ddpmkit sample`, `ddpmkit eval` and the web app use; `sample()` itself only does what it is told."""
+    What was asked for wins (None: not asked for). When nothing was (no CFG scale, no guide, no interval), a model
+    that stores a default guidance (`models.default_guidance`, e.g. the bundled emoji32) gets it; `autoguide="none"`
+    turns it off. What `ddpmkit sample`, `ddpmkit eval` and the web app use; `sample()` does only what it is told."""
     from ddpmkit.models import default_guidance
 
     off = isinstance(autoguide, str) and autoguide.strip().lower() == NO_GUIDE
     asked = dict(autoguide=None if off else autoguide, guidance_interval=guidance_interval,
                  autoguide_scale=2.0 if autoguide_scale is None else autoguide_scale)
-    if off or autoguide is not None or guidance_interval is not None or cfg_scale != 1.0 or not isinstance(model, str):
+    if off or autoguide is not None or guidance_interval is not None or cfg_scale is not None or \
+            not isinstance(model, str):
         return asked, None
     default = default_guidance(model)
     if not default:

@@ -104,7 +104,7 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--class_label", default=None, metavar="N|NAME",
                    help="class index or name (names are saved with the model); without it a class-conditioned "
                         "model gives one row per class")
-    c.add_argument("--cfg_scale", type=float, default=1.0, metavar="W",
+    c.add_argument("--cfg_scale", type=float, default=None, metavar="W",
                    help="classifier-free guidance: uncond + W * (cond - uncond); 1 plain conditional, "
                         "0 unconditional, 2-5 sharper classes (default: 1)")
     add_autoguide_options(p.add_argument_group("autoguidance and guidance intervals (docs/guidance.md)"))
@@ -190,7 +190,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="the UNet's dtype while sampling, as for 'ddpmkit sample' (default: auto)")
     p.add_argument("--class_label", default=None, metavar="N|NAME",
                    help="sample one class of a class-conditioned model and compare with that class's images")
-    p.add_argument("--cfg_scale", type=float, default=1.0, metavar="W", help="classifier-free guidance scale")
+    p.add_argument("--cfg_scale", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale (default: 1, plain conditional)")
     add_autoguide_options(p)
     p.add_argument("--per_class", action="store_true",
                    help="class-conditioned model: sample each class in the dataset's proportions and report FID/KID "

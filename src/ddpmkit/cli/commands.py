@@ -71,15 +71,16 @@ def cmd_sample(args) -> int:
     guidance = build_guidance(args.guide, args.loss, args.guidance_method, args.guidance_every,
                               args.guidance_schedule, args.clip_model, args.n_cuts, args.seed)
     pipe = load_pipeline(args.model, device=device)
+    cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
     class_rows, labels = sampling_labels(args.model, pipe.unet.config.num_class_embeds, args.class_label,
-                                         args.cfg_scale, args.num_images)
+                                         cfg_scale, args.num_images)
     num_images = len(labels) if class_rows else (args.num_images or 16)
     guided, note = model_guidance(args.model, args.cfg_scale, args.autoguide, args.autoguide_scale,
                                   args.guidance_interval)
     if note:
         log.info(note)
     common = dict(num_images=num_images, batch_size=args.batch_size, seed=args.seed, guidance=guidance,
-                  class_labels=labels, cfg_scale=args.cfg_scale, **guided, dtype=args.dtype,
+                  class_labels=labels, cfg_scale=cfg_scale, **guided, dtype=args.dtype,
                   channels_last=args.channels_last)
     options = dict(eta=args.eta, karras=args.karras, timestep_spacing=args.timestep_spacing,
                    solver_order=args.solver_order)
@@ -166,7 +167,8 @@ def cmd_eval(args) -> int:
         measure = partial(sweep, sigma_rels=args.sigma_rel)
     result = measure(args.model, images=args.images, vs_dataset=args.vs_dataset, dataset=args.dataset,
                      num_images=args.num_images, sampler=sampler, seed=args.seed, class_label=args.class_label,
-                     cfg_scale=args.cfg_scale, per_class=args.per_class, split=args.split,
+                     cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale, per_class=args.per_class,
+                     split=args.split,
                      split_fraction=args.split_fraction, image_size=args.image_size, image_column=args.image_column,
                      label_column=args.label_column, cache_dir=args.cache_dir, floor=args.floor, device=args.device,
                      resize=args.resize, progress=not args.quiet, **_nearest_options(args))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ddpmkit.config import DEFAULT_MODEL
 from ddpmkit.errors import UserError
+from ddpmkit.models import default_guidance
 from ddpmkit.serve.catalog import clip_unavailable_reason
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ class Request:
             argv += ["--class_label", self.class_label, "--cfg_scale", number_text(self.cfg_scale)]
         if self.autoguide:
             argv += ["--autoguide", self.autoguide, "--autoguide_scale", number_text(self.autoguide_scale)]
+        elif default_guidance(model_arg):  # the command line would add the model's default guidance: say none
+            argv += ["--autoguide", "none"]
         if self.guidance_interval:
             argv += ["--guidance_interval", self.guidance_interval]
         for spec in self.guide_specs(reference_name):
