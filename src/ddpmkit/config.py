@@ -145,8 +145,9 @@ class TrainConfig:
     # --- quality during training ---
     eval_every: int = opt(0, "every N optimizer steps (and at the last) sample --eval_images images and log their FID "
                           "and KID against the training data: OUTPUT_DIR/eval.jsonl, TensorBoard/W&B, the progress "
-                          "line, with the cost (0: off). On a 2-core CPU, tiny at 32x32: N >= EVERY_CPU keeps it under "
-                          "a tenth of the training time (docs/performance.md)")
+                          "line, with the cost (0: off). On a 2-core CPU, tiny at 32x32, batch 64: an evaluation costs "
+                          "about 66 training steps (EMA and raw weights), so N >= 660 keeps it under a tenth of the "
+                          "training time; the log says so when it is more (docs/performance.md)")
     eval_images: int = opt(200, "images sampled at each evaluation, and training images as its reference "
                            "(the floor at 200 is shipped for emoji 32x32: FID 94; a trend, not a figure to quote)")
     eval_scheduler: str = opt("deis", "sampler of the evaluations (deis: 15 model calls, the fast one of "
