@@ -39,19 +39,19 @@ show "$U1" "The forward process: the squaredcos_cap_v2 noise schedule (left) and
   "schedule.png schedule_noised.png" \
   ddpmkit -q schedule --dataset emoji --image_size 32 --out schedule.png
 
-show "$U1" "The bundled model emoji32 with the default sampler (auto: DPM-Solver++ SDE, Karras sigmas, 40 steps, 79 model calls): one row per emoji category, $N images each, seed 0." \
+show "$U1" "The bundled model emoji32 with the default sampler (auto: DPM-Solver++ SDE, Karras sigmas, 40 steps, 79 model calls): one row per emoji category, $N images each, seed 0. emoji32 samples by default with autoguidance (its guide emoji32-guide at scale 2: FID 98.7 against 122.3 plain, docs/quality.md), which doubles the model calls; to fit its time this page samples without it (--autoguide none)." \
   "samples_auto.png" \
-  ddpmkit -q sample --num_images $N --seed 0 --out samples_auto.png
+  ddpmkit -q sample --autoguide none --num_images $N --seed 0 --out samples_auto.png
 
 show "$U1" "The course's sampling loop: DDPM at $DDPM_STEPS steps (the whole training chain), for comparison (2 smileys, seed 0), and the trajectory of those samples: x_t (noisy image) and the predicted x0 every $(( DDPM_STEPS / 10 )) steps." \
   "samples_ddpm1000.png samples_ddpm1000_trajectory.png" \
-  ddpmkit -q sample --scheduler ddpm --steps "$DDPM_STEPS" --class_label smileys-emotion --num_images 2 --seed 0 \
+  ddpmkit -q sample --autoguide none --scheduler ddpm --steps "$DDPM_STEPS" --class_label smileys-emotion --num_images 2 --seed 0 \
   --trajectory $(( DDPM_STEPS / 10 )) \
   --out samples_ddpm1000.png
 
 show "$U2" "Fast samplers at few steps, same seed: each column a scheduler (DDIM 10, DPM++ 10, DEIS 10, DDIM 50): food & drink." \
   "compare_schedulers.png" \
-  ddpmkit -q sample --class_label food-drink --compare ddim:10,dpm++:10,deis:10,ddim:50 --num_images $(( N < 6 ? N : 6 )) --seed 0 \
+  ddpmkit -q sample --autoguide none --class_label food-drink --compare ddim:10,dpm++:10,deis:10,ddim:50 --num_images $(( N < 6 ? N : 6 )) --seed 0 \
   --out compare_schedulers.png
 
 show "$U2" "Class-conditioned sampling with classifier-free guidance (scale 3): one row per category. Sampled with the fast sampler, DEIS at 15 steps (two model calls per step with CFG); from here on the demo uses it to fit its time." \
@@ -72,11 +72,11 @@ $PAGE add "$OUT" "$U2" "One category (flags) at CFG scale 0 (unconditional), 1 (
 for c in BB2266 44CCAA; do
   show "$U2" "Colour guidance towards #$c (the course's colour loss on the predicted x0, scale 40 per image), DDIM 40 steps; the same seed without guidance is in the first row of the next picture." \
     "guided_$c.png" \
-    ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 --guide "color:#$c:40" \
+    ddpmkit -q sample --autoguide none --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 --guide "color:#$c:40" \
     --out "guided_$c.png"
 done
 show "$U2" "The same $N unconditional samples without guidance (scale 0), for comparison; they are also the 'before' of the fine-tune below." "unguided.png" \
-  ddpmkit -q sample --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 --out unguided.png
+  ddpmkit -q sample --autoguide none --class_label none --scheduler ddim --steps 40 --num_images $N --seed 0 --out unguided.png
 show "$U2" "Fine-tuning emoji32 on one category (flags) for $FT_STEPS steps, the course's finetune_model.py (its loss curve)." \
   "finetune/loss_curve.png" \
   ddpmkit -q finetune --start_model emoji32 --dataset emoji:flags --image_size 32 --batch_size 32 --max_steps "$FT_STEPS" \
@@ -92,9 +92,9 @@ show "$U1" "Training from scratch, as Unit 1 does: a tiny UNet on the 4,009 emoj
   --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 10 --cache_dir .cache --output_dir scratch
 
 stamp "ddpmkit eval of emoji32 ($EVAL_IMAGES images a side)"
-(cd "$OUT" && ddpmkit -q eval --scheduler deis --per_class --num_images "$EVAL_IMAGES" --out eval.json | tee eval.txt)
+(cd "$OUT" && ddpmkit -q eval --autoguide none --scheduler deis --per_class --num_images "$EVAL_IMAGES" --out eval.json | tee eval.txt)
 $PAGE add "$OUT" "Quality" "ddpmkit eval: FID, KID, precision and recall of emoji32's samples (DEIS 15 steps; each category in the data's proportions) against the emoji data, with the floor (two disjoint halves of the data at the same count) beside them. The default sampler (auto, 79 calls) scores about a fifth lower (docs/samplers.md)." \
-  "ddpmkit eval --scheduler deis --per_class --num_images $EVAL_IMAGES --out eval.json" eval.txt
+  "ddpmkit eval --autoguide none --scheduler deis --per_class --num_images $EVAL_IMAGES --out eval.json" eval.txt
 
 seconds=$(( $(date +%s) - start ))
 $PAGE render "$OUT" --seconds "$seconds"
