@@ -123,6 +123,7 @@ def test_fid_equals_an_independent_clean_fid_computation(shape_features):
     assert 0 < np.abs(old(disc_images[:4], progress=False) - discs[:4]).max() < 1e-3
 
 
+@pytest.mark.long  # the real Inception on 200 images (about a minute on 2 cores): make test-long
 def test_identical_sets_give_zero_and_noise_a_monotone_larger_fid(shape_features, inception):
     images, _, features, _ = shape_features
     assert fid_from_features(features, features) < 1e-3
@@ -139,6 +140,7 @@ def test_identical_sets_give_zero_and_noise_a_monotone_larger_fid(shape_features
     assert fids[0] < fids[1] < fids[2], fids
 
 
+@pytest.mark.long  # the real Inception on 200 images (about a minute on 2 cores): make test-long
 def test_kid_of_two_disjoint_halves_is_zero_within_two_std(shape_features):
     _, _, discs, _ = shape_features
     mean, std = kid_from_features(discs[:50], discs[50:], num_subsets=100, subset_size=40)
