@@ -127,9 +127,9 @@ def x0_clip_range(model_scheduler, scheduler) -> float | None:
 
 
 def clip_x0(scheduler, model_output: torch.Tensor, x: torch.Tensor, t, limit: float) -> torch.Tensor:
-    """The model output whose predicted x0 is clipped to [-limit, limit], in the model's own prediction type."""
-    alpha_bar, x_vp = _alpha_bar_and_vp_sample(scheduler, x, t)
-    x0 = predicted_x0(scheduler, model_output, x, t).clamp(-limit, limit)
+    """An epsilon model's output whose predicted x0 (DDPM eq. 15) is clipped to [-limit, limit], as epsilon again."""
+    alpha_bar, x_vp = _alpha_bar_and_vp_sample(scheduler, x, t)  # once: predicted_x0 would look it up again
+    x0 = ((x_vp - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()).clamp(-limit, limit)
     eps = (x_vp - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
     return eps.to(model_output.dtype)
 
