@@ -13,7 +13,9 @@ from ddpmkit import devices
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from ddpmkit.models import load_pipeline
-from ddpmkit.sampling import GuidanceInterval, guided_steps, model_fn, noise_level, sample
+from ddpmkit.model_guidance import GuidanceInterval, guided_steps
+from ddpmkit.prediction import noise_level
+from ddpmkit.sampling import model_fn, sample
 from ddpmkit.schedulers import make_scheduler, set_timesteps
 
 
@@ -171,7 +173,7 @@ def test_a_models_default_guidance_is_used_when_none_is_asked_for(pipes, tmp_pat
     from PIL import Image
 
     from ddpmkit import runs
-    from ddpmkit.sampling import model_guidance
+    from ddpmkit.model_guidance import model_guidance
 
     model = tmp_path / "model"
     shutil.copytree(pipes["root"] / "main", model)

@@ -19,7 +19,8 @@ from ddpmkit.oracle import (ExactScoreModel, GaussianMixture, ddpm_1000_bounds, 
                             distribution_metrics, misses,
                             mode_frequencies, mode_tv, oracle_pipeline, sliced_wasserstein, spread_ratio,
                             true_sample_range)
-from ddpmkit.sampling import predicted_x0, sample
+from ddpmkit.prediction import predicted_x0
+from ddpmkit.sampling import sample
 from ddpmkit.schedulers import AUTO_CHOICE, SIGMA_MAX, make_scheduler, scheduler_names, set_timesteps
 
 SCHEDULES = ("linear", "squaredcos_cap_v2")

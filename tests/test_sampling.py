@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, EulerDiscreteS
 
 import ddpmkit
 from ddpmkit.images import to_uint8_hwc
-from ddpmkit.sampling import predicted_x0
+from ddpmkit.prediction import predicted_x0
 from ddpmkit.schedulers import make_scheduler
 
 
@@ -130,7 +130,8 @@ def test_the_default_sampler_clips_an_epsilon_models_x0_as_ddpm_does(tmp_path):
     from conftest import write_images
 
     from ddpmkit.models import load_pipeline
-    from ddpmkit.sampling import sample, x0_clip_range
+    from ddpmkit.prediction import x0_clip_range
+    from ddpmkit.sampling import sample
     from ddpmkit.trainer import train
 
     write_images(tmp_path / "data", n=32, size=8)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpmkit.errors import UserError
-from ddpmkit.sampling import _alpha_bar_and_vp_sample, predicted_x0
+from ddpmkit.prediction import alpha_bar_and_vp_sample, predicted_x0
 from ddpmkit.schedulers import move_factor
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ class LossGuidance:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step_index: int, num_steps: int,
                  predict: Callable[[torch.Tensor], torch.Tensor], scheduler):
         # alpha_bar_t, and c with x_vp = c * x: 1 for DDPM-style schedulers, sqrt(alpha_bar) for the Euler family
-        alpha_bar, c = (float(v) for v in _alpha_bar_and_vp_sample(scheduler, torch.ones((), device=x.device), t))
+        alpha_bar, c = (float(v) for v in alpha_bar_and_vp_sample(scheduler, torch.ones((), device=x.device), t))
         factor = SCHEDULES[self.schedule](alpha_bar)
         # the scale is the push of 40 DDIM steps, spread over this run's steps (twice that for an SDE sampler)
         per_step = REFERENCE_STEPS / num_steps * move_factor(scheduler)

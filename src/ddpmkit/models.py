@@ -209,6 +209,15 @@ def model_path(model: str | os.PathLike) -> str:
     return name
 
 
+def resolve_pipeline(model):
+    """A pipeline from a Hub id / folder, or a pipeline-like object with `.unet` and `.scheduler`."""
+    if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
+        return load_pipeline(model)
+    if not (hasattr(model, "unet") and hasattr(model, "scheduler")):
+        raise UserError("model must be a Hub id, a pipeline folder, or a pipeline with .unet and .scheduler")
+    return model
+
+
 def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None) -> DDPMPipeline:
     """Load a DDPM-style pipeline (UNet2DModel + scheduler): a bundled model by name ('emoji32', the

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -21,6 +19,9 @@ from tqdm.auto import tqdm
 from ddpmkit.devices import announce, resolve_device
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
+from ddpmkit.model_guidance import GuidanceInterval, guide_for_sampling, guided_steps, load_guide
+from ddpmkit.models import resolve_pipeline
+from ddpmkit.prediction import clip_x0, predicted_x0, x0_clip_range
 from ddpmkit.schedulers import (AUTO, SIGMA_MAX, keeps_sample, make_scheduler, num_levels, prepare_for_moves, resolve,
                                 set_timesteps, settings_label, step_kwargs)
 from ddpmkit.tuning import choose, unet_for_sampling
@@ -73,110 +74,6 @@ class SampleOutput:
     # calls of the second network per image: the unconditional half of CFG (batched with the conditional one) or the
     # autoguidance guide; only inside the guidance interval
     guide_calls: int = 0
-
-
-def _alpha_bar_and_vp_sample(scheduler, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha_bar of the current step and x in the variance-preserving scale x_t = sqrt(ab) x0 + sqrt(1-ab) eps.
-
-    Sigma-based schedulers (Euler, Heun, LMS, DPM-SDE: init_noise_sigma > 1) keep x = x0 + sigma * eps,
-    so ab = 1 / (1 + sigma^2) and x_vp = x / sqrt(1 + sigma^2) (the scaling of `scale_model_input`).
-    The multistep solvers (DPM-Solver++, UniPC, DEIS) keep x in the VP scale but also carry the exact
-    sigma of each step, which is what their (possibly fractional, Karras) timestep means.
-    """
-    if getattr(scheduler, "sigmas", None) is not None and hasattr(scheduler, "index_for_timestep"):
-        index = scheduler.step_index if scheduler.step_index is not None else scheduler.index_for_timestep(t)
-        sigma = scheduler.sigmas[index].to(x.device, torch.float32)
-        alpha_bar = 1.0 / (1.0 + sigma**2)
-        return alpha_bar, x * alpha_bar.sqrt() if float(scheduler.init_noise_sigma) > 1.0 else x
-    alphas_cumprod = scheduler.alphas_cumprod.to(x.device, torch.float32)
-    index = int(t.item()) if torch.is_tensor(t) else int(t)
-    return alphas_cumprod[index], x
-
-
-def predicted_x0(scheduler, model_output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0 predicted from the model output (DDPM eq. 15 for epsilon; v-prediction per Salimans & Ho 2022).
-
-    Differentiable in `x` and `model_output`; the one place where ddpmkit forms pred_original_sample.
-    """
-    alpha_bar, x_vp = _alpha_bar_and_vp_sample(scheduler, x, t)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return (x_vp - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
-    if prediction_type == "sample":
-        return model_output
-    if prediction_type == "v_prediction":
-        return alpha_bar.sqrt() * x_vp - (1 - alpha_bar).sqrt() * model_output
-    raise UserError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler config")
-
-
-def x0_clip_range(model_scheduler, scheduler) -> float | None:
-    """The range to clip the predicted x0 to at each step, or None: the model's own `clip_sample_range` when it
-    predicts epsilon, its config asks for clipping (DDPMScheduler's default) and `scheduler` does not clip itself.
-
-    An epsilon model's x0 is (x - sqrt(1 - ab) eps) / sqrt(ab): at the high noise levels where the sigma samplers
-    (DPM++, DEIS, UniPC, Euler, ...) start (sigma up to 80, 1 / sqrt(ab) = 80) a 1% error in eps is an error of 0.8
-    in x0, and without DDPM's clipping those samplers turned a course-style model (epsilon, squaredcos_cap_v2) into
-    saturated noise: 98% of the pixels at -1 or 1 where ddpm-1000 gave 3% (tests/test_sampling.py). v- and
-    x0-prediction keep x0 bounded, and DDPM and DDIM clip as their config says, so they are left as they are."""
-    config = model_scheduler.config
-    if config.get("prediction_type") != "epsilon" or not config.get("clip_sample", False):
-        return None
-    if "clip_sample" in inspect.signature(type(scheduler).__init__).parameters:  # DDPM, DDIM clip as configured
-        return None
-    return float(config.get("clip_sample_range", 1.0))
-
-
-def clip_x0(scheduler, model_output: torch.Tensor, x: torch.Tensor, t, limit: float) -> torch.Tensor:
-    """An epsilon model's output whose predicted x0 (DDPM eq. 15) is clipped to [-limit, limit], as epsilon again."""
-    alpha_bar, x_vp = _alpha_bar_and_vp_sample(scheduler, x, t)  # once: predicted_x0 would look it up again
-    x0 = ((x_vp - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()).clamp(-limit, limit)
-    eps = (x_vp - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
-    return eps.to(model_output.dtype)
-
-
-@dataclass(frozen=True)
-class GuidanceInterval:
-    """Where CFG or autoguidance applies: noise levels lo < sigma <= hi (EDM's sigma = sqrt((1 - ab) / ab)), or
-    timesteps lo <= t <= hi (`unit="t"`). Outside it each step is one call of the model, unguided (Kynkaenniemi et
-    al. 2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality")."""
-
-    lo: float = 0.0
-    hi: float = math.inf
-    unit: str = "sigma"
-
-    @classmethod
-    def parse(cls, text: "str | GuidanceInterval | None") -> "GuidanceInterval | None":
-        """'0.28,5.42' (noise levels sigma), 'sigma:0.28,5.42' or 't:200,700' (timesteps); None or '' -> None; an
-        interval passes through."""
-        if isinstance(text, GuidanceInterval):
-            return text
-        if text is None or not str(text).strip():
-            return None
-        unit, sep, numbers = str(text).strip().partition(":")
-        if not sep:
-            unit, numbers = "sigma", unit
-        try:
-            lo, hi = (float(v) for v in numbers.split(","))
-        except ValueError:
-            lo = hi = math.nan
-        if unit not in ("sigma", "t") or not 0 <= lo < hi:
-            raise UserError(f"--guidance_interval {text!r} must be LO,HI with 0 <= LO < HI: noise levels sigma "
-                            "(e.g. 0.28,5.42) or timesteps prefixed with t: (e.g. t:200,700)")
-        return cls(lo, hi, unit)
-
-    def contains(self, sigma: float, t: float) -> bool:
-        if self.unit == "t":
-            return self.lo <= t <= self.hi
-        return self.lo < sigma <= self.hi
-
-    def describe(self) -> str:
-        return f"{self.unit} {self.lo:g}..{self.hi:g}"
-
-
-def noise_level(scheduler, t) -> float:
-    """EDM's sigma of timestep t: sqrt((1 - alpha_bar_t) / alpha_bar_t), from the scheduler's own schedule."""
-    alpha_bar, _ = _alpha_bar_and_vp_sample(scheduler, torch.ones(()), t)
-    return math.sqrt(max(1.0 - float(alpha_bar), 0.0) / max(float(alpha_bar), 1e-30))
 
 
 def model_fn(unet, class_labels: torch.Tensor | None = None, cfg_scale: float = 1.0, batch_size: int | None = None,
@@ -270,65 +167,6 @@ def denoise(unet, scheduler, x: torch.Tensor, generator: torch.Generator | None 
     return x, trajectory, losses
 
 
-def guided_steps(scheduler, interval: GuidanceInterval | None) -> list[bool]:
-    """For each entry of `scheduler.timesteps`: whether CFG / autoguidance applies there (all, without an interval)."""
-    if interval is None:
-        return [True] * len(scheduler.timesteps)
-    flags = []
-    for i, t in enumerate(scheduler.timesteps):
-        step_index = getattr(scheduler, "_step_index", None)
-        if hasattr(scheduler, "_step_index"):  # sigma-array schedulers look their sigma up by step index
-            scheduler._step_index = i
-        try:
-            flags.append(interval.contains(noise_level(scheduler, t), float(t)))
-        finally:
-            if hasattr(scheduler, "_step_index"):
-                scheduler._step_index = step_index
-    return flags
-
-
-NO_GUIDE = "none"  # --autoguide none: sample without the model's default guidance
-
-
-def model_guidance(model, cfg_scale: float | None = None, autoguide=None, autoguide_scale: float | None = None,
-                   guidance_interval: str | None = None) -> tuple[dict, str | None]:
-    """The autoguidance to sample `model` with, as `sample`'s keyword arguments (autoguide, autoguide_scale,
-    guidance_interval), and a line saying so when it is the model's stored default, else None.
-
-    What was asked for wins (None: not asked for). When nothing was (no CFG scale, no guide, no interval), a model
-    that stores a default guidance (`models.default_guidance`, e.g. the bundled emoji32) gets it; `autoguide="none"`
-    turns it off. What `ddpmkit sample`, `ddpmkit eval` and the web app use; `sample()` does only what it is told."""
-    from ddpmkit.models import default_guidance
-
-    off = isinstance(autoguide, str) and autoguide.strip().lower() == NO_GUIDE
-    asked = dict(autoguide=None if off else autoguide, guidance_interval=guidance_interval,
-                 autoguide_scale=2.0 if autoguide_scale is None else autoguide_scale)
-    if off or autoguide is not None or guidance_interval is not None or cfg_scale is not None or \
-            not isinstance(model, str):
-        return asked, None
-    default = default_guidance(model)
-    if not default:
-        return asked, None
-    chosen = dict(autoguide=default["autoguide"], guidance_interval=default.get("guidance_interval"),
-                  autoguide_scale=float(default.get("autoguide_scale", 2.0)) if autoguide_scale is None
-                  else autoguide_scale)
-    interval = f" in {chosen['guidance_interval']}" if chosen["guidance_interval"] else ""
-    why = f" ({default['why']})" if default.get("why") else ""
-    return chosen, (f"{model}'s default guidance: autoguidance by {chosen['autoguide']} at scale "
-                    f"{chosen['autoguide_scale']:g}{interval}{why}; --autoguide none samples without it")
-
-
-def resolve_pipeline(model):
-    """A pipeline from a Hub id / folder, or a pipeline-like object with `.unet` and `.scheduler`."""
-    if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
-        from ddpmkit.models import load_pipeline
-
-        return load_pipeline(model)
-    if not (hasattr(model, "unet") and hasattr(model, "scheduler")):
-        raise UserError("model must be a Hub id, a pipeline folder, or a pipeline with .unet and .scheduler")
-    return model
-
-
 def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: int = 16, batch_size: int | None = None,
            seed: int | None = None, generator: torch.Generator | None = None, eta: float | None = None,
            karras: bool | None = None, timestep_spacing: str | None = None, solver_order: int | None = None,
@@ -360,14 +198,10 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     if num_images < 1:
         raise UserError(f"--num_images must be at least 1 (got {num_images})")
     interval = GuidanceInterval.parse(guidance_interval)
-    guide_unet = _guide_unet(pipe, autoguide, autoguide_scale, cfg_scale, interval, device)
-    sched, settings = _scheduler_for(pipe, scheduler, steps, karras, timestep_spacing, solver_order, sigma_max, seed)
-    if generator is None:
-        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-    step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
+    guide_unet = load_guide(pipe, autoguide, autoguide_scale, cfg_scale, interval, device)
+    sched, settings, generator = _scheduler_for(pipe, scheduler, steps, karras, timestep_spacing, solver_order,
+                                                sigma_max, seed, generator, eta)
     labels = _class_label_tensor(unet, class_labels, num_images)
-    logger.info("scheduler %s%s, %d steps", "auto: " if settings.pop("auto", False) else "",
-                settings_label(settings["scheduler"], settings), settings["steps"])
     rows = 2 if (labels is not None and cfg_scale not in (0.0, 1.0)) or guide_unet is not None else 1
     with _eval_mode(unet):
         # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
@@ -381,7 +215,7 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
         extra_calls = sum(guided_steps(sched, interval)) if rows == 2 else 0
         x = initial_noise(unet, sched, num_images, generator)
         with unet_for_sampling(unet, speed.dtype, speed.channels_last, speed.graphs) as model_unet, \
-                _optional(guide_unet, speed) as guide_model:
+                guide_for_sampling(guide_unet, speed) as guide_model:
             x, trajectory, losses = denoise(model_unet, sched, x, generator=generator, eta=eta, guidance=guidance,
                                             class_labels=labels, cfg_scale=cfg_scale,
                                             trajectory_every=trajectory_every, callback=callback, progress=progress,
@@ -423,9 +257,10 @@ def _sampling_device(unet, device) -> torch.device:
     return unet.device
 
 
-def _scheduler_for(pipe, scheduler: str, steps, karras, timestep_spacing, solver_order, sigma_max,
-                   seed) -> tuple[object, dict]:
-    """The scheduler a run uses, built from the model's config, and its settings {"scheduler", "steps", ...}."""
+def _scheduler_for(pipe, scheduler: str, steps, karras, timestep_spacing, solver_order, sigma_max, seed,
+                   generator, eta) -> tuple[object, dict, torch.Generator | None]:
+    """The scheduler a run uses, built from the model's config, its settings {"scheduler", "steps", ...} (logged),
+    and the generator of its noise (`generator`, else one seeded with `seed`, else None)."""
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
     asked = scheduler
@@ -437,42 +272,13 @@ def _scheduler_for(pipe, scheduler: str, steps, karras, timestep_spacing, solver
         why = ("the model's training steps" if limit == pipe.scheduler.config.num_train_timesteps
                else f"the model's training steps at noise levels up to sigma_max {sigma_max:g}")
         raise UserError(f"--steps {steps} is more than the {limit} timesteps {scheduler} can use ({why})")
-    return sched, {"scheduler": scheduler, "steps": steps, **options, **({"auto": True} if asked == AUTO else {})}
-
-
-def _guide_unet(pipe, autoguide, autoguide_scale: float, cfg_scale: float, interval, device):
-    """The autoguidance guide's UNet on `device` (None without one), checked against the model it guides."""
-    if not math.isfinite(autoguide_scale) or autoguide_scale < 0:
-        raise UserError(f"--autoguide_scale must be a number >= 0 (got {autoguide_scale})")
-    if autoguide is None:
-        if interval is not None and cfg_scale == 1.0:
-            raise UserError("--guidance_interval applies to --cfg_scale or --autoguide: give one of them")
-        return None
-    if cfg_scale != 1.0:
-        raise UserError("--autoguide and --cfg_scale both guide the model's output: use one of them")
-    guide = resolve_pipeline(autoguide)
-    check_guide(pipe, guide)
-    guide.unet.eval()
-    return guide.unet.to(device)
-
-
-def check_guide(pipe, guide) -> None:
-    """Autoguidance needs a guide of the same kind: size, channels, classes, prediction type and noise schedule."""
-    mine, theirs = pipe.unet.config, guide.unet.config
-    checks = [("image size", mine.sample_size, theirs.sample_size),
-              ("channels", (mine.in_channels, mine.out_channels), (theirs.in_channels, theirs.out_channels)),
-              ("classes", mine.num_class_embeds, theirs.num_class_embeds),
-              ("prediction type", pipe.scheduler.config.prediction_type, guide.scheduler.config.prediction_type),
-              ("training timesteps", pipe.scheduler.config.num_train_timesteps,
-               guide.scheduler.config.num_train_timesteps)]
-    for what, a, b in checks:
-        if a != b:
-            raise UserError(f"the --autoguide model does not match the model: {what} {b} vs {a} (a guide must be "
-                            "a weaker model of the same kind: an earlier checkpoint of the same run, or a smaller "
-                            "model trained the same way)")
-    if not torch.allclose(pipe.scheduler.alphas_cumprod.double(), guide.scheduler.alphas_cumprod.double()):
-        raise UserError("the --autoguide model does not match the model: another noise schedule (a guide must be "
-                        "trained with the same beta_schedule)")
+    if generator is None:
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+    step_kwargs(sched, generator, eta)  # a step option the scheduler does not take fails before anything runs
+    settings = {"scheduler": scheduler, "steps": steps, **options}
+    logger.info("scheduler %s%s, %d steps", "auto: " if asked == AUTO else "", settings_label(scheduler, settings),
+                steps)
+    return sched, settings, generator
 
 
 @contextlib.contextmanager
@@ -484,16 +290,6 @@ def _eval_mode(unet):
         yield unet
     finally:
         unet.train(was_training)
-
-
-@contextlib.contextmanager
-def _optional(guide_unet, speed):
-    """The guide in the sampling dtype and memory format, as the main UNet (None passes through)."""
-    if guide_unet is None:
-        yield None
-        return
-    with unet_for_sampling(guide_unet, speed.dtype, speed.channels_last, speed.graphs) as model:
-        yield model
 
 
 def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | None:

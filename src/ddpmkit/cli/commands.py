@@ -60,7 +60,8 @@ def cmd_sample(args) -> int:
     from ddpmkit.guidance import build_guidance, write_guidance_log
     from ddpmkit.images import labelled_rows, save_grid, save_individual, save_trajectory
     from ddpmkit.models import load_pipeline, sampling_labels
-    from ddpmkit.sampling import model_guidance, sample
+    from ddpmkit.model_guidance import model_guidance
+    from ddpmkit.sampling import sample
     from ddpmkit.schedulers import settings_label
 
     log = logging.getLogger("ddpmkit")
@@ -138,7 +139,8 @@ def _sample_compare(args, pipe, out: Path, common: dict, options: dict) -> int:
 def cmd_eval(args) -> int:
     from ddpmkit.evaluation import evaluate
     from ddpmkit.models import trained_on
-    from ddpmkit.sampling import SamplerSettings, model_guidance
+    from ddpmkit.model_guidance import model_guidance
+    from ddpmkit.sampling import SamplerSettings
 
     _at_least(args, 1, "steps", "batch_size")
     if args.out and not args.out.endswith(".json"):

@@ -30,7 +30,8 @@ from ddpmkit.evaluation.nearest import check_nearest, look_for_copies
 from ddpmkit.evaluation.result import EvalResult
 from ddpmkit.images import bars_enabled, to_uint8_nchw
 from ddpmkit.models import class_names, load_pipeline, resolve_class_label
-from ddpmkit.sampling import SamplerSettings, resolve_pipeline, sample
+from ddpmkit.models import resolve_pipeline
+from ddpmkit.sampling import SamplerSettings, sample
 
 DEFAULT_NUM_IMAGES = 2000
 # a class's KID needs this many images a side: subsets of 5 or more, so that its spread over the subsets says
@@ -229,7 +230,19 @@ def evaluate(model=None, *, images: str | os.PathLike | torch.Tensor | None = No
                                      kid_subsets, kid_subset_size)
         timings["metrics"] += time.perf_counter() - t0
 
-    # the floor: measured here (same source, disjoint parts), or known for this dataset, size and count
+    known = _floor(dataset, vs_dataset, class_label, floor, split, split_fraction, reference, generated, comparison,
+                   extractor, cache, cache_dir, settings, select, kid_subsets, kid_subset_size, k, progress)
+    copies = _nearest(nearest, nearest_grid, generated, comparison, dataset, extractor, cache, settings, timings,
+                      progress, select) if nearest else None
+    m = comparison.metrics
+    return EvalResult(m.fid, m.kid_mean, m.kid_std, m.precision, m.recall, len(generated), len(reference),
+                      time.perf_counter() - started, known, by_class, settings, timings, copies)
+
+
+def _floor(dataset, vs_dataset, class_label, floor, split, split_fraction, reference, generated, comparison, extractor,
+           cache, cache_dir, settings, select, kid_subsets, kid_subset_size, k, progress) -> dict | None:
+    """The floor: recorded when this run measured it (the same source, disjoint parts), else the one known for this
+    dataset, size and count (measured now with `floor`); None for one class or another dataset."""
     key = floor_key(dataset, reference.describe["image_size"], reference.describe["channels"],
                     min(len(reference), len(generated)), split, extractor.identity)
     floors, known = Floors(cache_dir), None
@@ -244,11 +257,7 @@ def evaluate(model=None, *, images: str | os.PathLike | torch.Tensor | None = No
                                   kid_subset_size=kid_subset_size, k=k, progress=progress, **select)
             if known is not None:
                 floors.put(key, known)
-    copies = _nearest(nearest, nearest_grid, generated, comparison, dataset, extractor, cache, settings, timings,
-                      progress, select) if nearest else None
-    m = comparison.metrics
-    return EvalResult(m.fid, m.kid_mean, m.kid_std, m.precision, m.recall, len(generated), len(reference),
-                      time.perf_counter() - started, known, by_class, settings, timings, copies)
+    return known
 
 
 def _nearest(k, grid, generated, comparison, dataset, extractor, cache, settings, timings, progress, select) -> dict:

@@ -93,7 +93,7 @@ class Request:
     def _model_guidance(self, models: dict[str, ModelInfo], cfg_scale: float) -> tuple[str, float, str]:
         """(guide, its scale, the interval) checked: the guide is a model on offer, CFG and autoguidance are not
         both on, and the interval reads as `--guidance_interval` does (it needs CFG or autoguidance)."""
-        from ddpmkit.sampling import GuidanceInterval
+        from ddpmkit.model_guidance import GuidanceInterval
 
         guide = (self.autoguide or "").strip()
         scale = _number("autoguide scale", self.autoguide_scale, *SCALE_RANGES["autoguide"])

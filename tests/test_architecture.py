@@ -1,0 +1,102 @@
+"""The house's rules (docs/architecture.md), checked on the source: sizes a reader can hold, and no import circle."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "ddpmkit"
+MODULES = sorted(SRC.rglob("*.py"))
+# argument-parser builders are long lists of flags, one per line: the rule leaves them out
+PARSER_BUILDERS = ("add_", "build_parser")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_module_class_or_function_too_long_to_read():
+    too_long = []
+    for path in MODULES:
+        source = path.read_text()
+        if len(source.splitlines()) > 450:
+            too_long.append(f"{module_name(path)}: {len(source.splitlines())} lines (at most about 450)")
+        for node in ast.walk(ast.parse(source)):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1 if hasattr(node, "lineno") else 0
+            if isinstance(node, ast.ClassDef) and length > 250:
+                too_long.append(f"{module_name(path)}.{node.name}: class of {length} lines (at most about 250)")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and length > 60 \
+                    and not node.name.startswith(PARSER_BUILDERS):
+                too_long.append(f"{module_name(path)}.{node.name}: function of {length} lines (at most about 60)")
+    assert not too_long, "\n".join(too_long)
+
+
+def imports(path: Path, module_level_only: bool) -> set[str]:
+    """The ddpmkit modules `path` imports (at module level, or anywhere)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("ddpmkit")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the package, up level - 1
+                parent = package.split(".")
+                base = ".".join(parent[:len(parent) - node.level + 1] + ([base] if base else []))
+            if not base.startswith("ddpmkit"):
+                continue
+            for alias in node.names:  # `from ddpmkit import runs` imports the module ddpmkit.runs
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in NAMES else base)
+    return found
+
+
+NAMES = {module_name(p) for p in MODULES}
+
+
+@pytest.mark.parametrize("module_level_only", [True, False], ids=["module-level", "with-lazy-imports"])
+def test_no_import_circle(module_level_only):
+    """Module-level imports must form no cycle; imports inside functions may go upward, but not in a circle either
+    (a package's __init__ importing its own modules is not a circle)."""
+    graph = {}
+    for path in MODULES:
+        name = module_name(path)
+        graph[name] = {m for m in imports(path, module_level_only)
+                       if m in NAMES and m != name and not (path.name == "__init__.py" and m.startswith(name + "."))}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
+
+
+def test_the_rules_can_fail(tmp_path):
+    """The circle finder finds a circle: two modules that import each other."""
+    global SRC, MODULES, NAMES
+    saved = SRC, MODULES, NAMES
+    try:
+        SRC = tmp_path / "ddpmkit"
+        SRC.mkdir()
+        (SRC / "__init__.py").write_text("")
+        (SRC / "a.py").write_text("from ddpmkit import b\n")
+        (SRC / "b.py").write_text("from ddpmkit.a import thing\n")
+        MODULES = sorted(SRC.rglob("*.py"))
+        NAMES = {module_name(p) for p in MODULES}
+        with pytest.raises(AssertionError, match="ddpmkit.a -> ddpmkit.b -> ddpmkit.a"):
+            test_no_import_circle(True)
+    finally:
+        SRC, MODULES, NAMES = saved
