@@ -447,10 +447,16 @@ def test_browser_colour_guidance_moves_the_images_colour(server, tmp_path):
             options = page.get_by_role("option")
             names = options.all_inner_texts()
             options.nth(names.index(wanted) if wanted in names else 0).click()
-            page.get_by_label("number input for CFG scale").fill("3")
-            page.get_by_label("number input for CFG scale").press("Enter")
+            # a model with a stored default guidance (emoji32: autoguidance) keeps it, as a user finds the page;
+            # another gets classifier-free guidance at 3
+            preset = "--autoguide" in page.locator("#command textarea").input_value()
+            if not preset:
+                page.get_by_label("number input for CFG scale").fill("3")
+                page.get_by_label("number input for CFG scale").press("Enter")
             page.locator("#generate").click()
-            page.wait_for_function("document.querySelector('#command textarea').value.includes('--cfg_scale 3')"
+            wanted_flag = "--autoguide" if preset else "--cfg_scale 3"
+            page.wait_for_function(f"document.querySelector('#command textarea').value.includes({wanted_flag!r})"
+                                   " && document.querySelector('#command textarea').value.includes('--class_label')"
                                    " && !document.querySelector('#command textarea').value.includes('--guide')",
                                    timeout=300_000)
             page.wait_for_function("document.querySelectorAll('#gallery img').length >= 8", timeout=60_000)
