@@ -230,8 +230,11 @@ def evaluate(model=None, *, images: str | os.PathLike | torch.Tensor | None = No
                                      kid_subsets, kid_subset_size)
         timings["metrics"] += time.perf_counter() - t0
 
-    known = _floor(dataset, vs_dataset, class_label, floor, split, split_fraction, reference, generated, comparison,
-                   extractor, cache, cache_dir, settings, select, kid_subsets, kid_subset_size, k, progress)
+    own_floor = vs_dataset is not None and vs_dataset == dataset  # this run measured it: same source, disjoint parts
+    metrics_options = dict(kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, k=k, progress=progress)
+    known = _floor(dataset, reference, generated, comparison, extractor, cache, Floors(cache_dir), settings, select,
+                   metrics_options, record=own_floor, split_fraction=split_fraction,
+                   lookup=vs_dataset is None and class_label is None, measure=floor)
     copies = _nearest(nearest, nearest_grid, generated, comparison, dataset, extractor, cache, settings, timings,
                       progress, select) if nearest else None
     m = comparison.metrics
@@ -239,24 +242,26 @@ def evaluate(model=None, *, images: str | os.PathLike | torch.Tensor | None = No
                       time.perf_counter() - started, known, by_class, settings, timings, copies)
 
 
-def _floor(dataset, vs_dataset, class_label, floor, split, split_fraction, reference, generated, comparison, extractor,
-           cache, cache_dir, settings, select, kid_subsets, kid_subset_size, k, progress) -> dict | None:
-    """The floor: recorded when this run measured it (the same source, disjoint parts), else the one known for this
-    dataset, size and count (measured now with `floor`); None for one class or another dataset."""
-    key = floor_key(dataset, reference.describe["image_size"], reference.describe["channels"],
-                    min(len(reference), len(generated)), split, extractor.identity)
-    floors, known = Floors(cache_dir), None
-    if vs_dataset is not None and vs_dataset == dataset:
+def _floor(dataset, reference, generated, comparison, extractor, cache, floors, settings, select, metrics_options, *,
+           record: bool, split_fraction, lookup: bool, measure: bool) -> dict | None:
+    """The floor at this dataset, size and count. `record` (this run compared two disjoint parts of the
+    dataset, split at `split_fraction`): this run's figures are the floor, recorded for later runs. `lookup` (a model or images
+    against the whole dataset): the one recorded, or, with `measure`, measured now and recorded. Else None (one
+    class, or another dataset)."""
+    size, channels = reference.describe["image_size"], reference.describe["channels"]
+    key = floor_key(dataset, size, channels, min(len(reference), len(generated)), select["split"], extractor.identity)
+    if record:
         floors.put(key, floor_entry(comparison.metrics, len(generated), split_fraction, settings["date"]))
         settings["is_floor"] = True
-    elif vs_dataset is None and class_label is None:  # a floor is of the whole dataset, not of one class
-        known = floors.get(key)
-        if known is None and floor:
-            known = measure_floor(dataset, reference.describe["image_size"], reference.describe["channels"],
-                                  len(reference), extractor, cache, settings["date"], kid_subsets=kid_subsets,
-                                  kid_subset_size=kid_subset_size, k=k, progress=progress, **select)
-            if known is not None:
-                floors.put(key, known)
+        return None
+    if not lookup:
+        return None
+    known = floors.get(key)
+    if known is None and measure:
+        known = measure_floor(dataset, size, channels, len(reference), extractor, cache, settings["date"],
+                              **metrics_options, **select)
+        if known is not None:
+            floors.put(key, known)
     return known
 
 
