@@ -26,6 +26,8 @@ row ag2-step525               --model "$RUN" --autoguide "$RUN/step_525" --autog
 row ema002-plain              --model "$RUN-ema0.02" --autoguide none
 row ema002-ag2-step525        --model "$RUN-ema0.02" --autoguide "$RUN/step_525" --autoguide_scale 2
 row ema002-ag3-step525        --model "$RUN-ema0.02" --autoguide "$RUN/step_525" --autoguide_scale 3
+row ema002-ag2.5-step525      --model "$RUN-ema0.02" --autoguide "$RUN/step_525" --autoguide_scale 2.5
+row ema002-ag3.5-step525      --model "$RUN-ema0.02" --autoguide "$RUN/step_525" --autoguide_scale 3.5
 row ema002-ag4-step525        --model "$RUN-ema0.02" --autoguide "$RUN/step_525" --autoguide_scale 4
 row ema002-ag2-ema002-step528 --model "$RUN-ema0.02" --autoguide "$RUN-ema0.02-step528" --autoguide_scale 2
 row ema002-ag3-ema002-step528 --model "$RUN-ema0.02" --autoguide "$RUN-ema0.02-step528" --autoguide_scale 3
