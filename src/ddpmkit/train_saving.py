@@ -16,7 +16,7 @@ from ddpmkit.data import derive_seed
 from ddpmkit.images import plot_loss_curve
 from ddpmkit.train_parts import raise_if_failed, read_checkpoint, sample_grid, training_pipeline, write_checkpoint
 
-logger = logging.getLogger("ddpmkit.trainer")
+logger = logging.getLogger("ddpmkit.trainer")  # the Trainer's own log lines, under its name as before
 
 
 class SaveAndResume:

@@ -244,10 +244,10 @@ def evaluate(model=None, *, images: str | os.PathLike | torch.Tensor | None = No
 
 def _floor(dataset, reference, generated, comparison, extractor, cache, floors, settings, select, metrics_options, *,
            record: bool, split_fraction, lookup: bool, measure: bool) -> dict | None:
-    """The floor at this dataset, size and count. `record` (this run compared two disjoint parts of the
-    dataset, split at `split_fraction`): this run's figures are the floor, recorded for later runs. `lookup` (a model or images
-    against the whole dataset): the one recorded, or, with `measure`, measured now and recorded. Else None (one
-    class, or another dataset)."""
+    """The floor at this dataset, size and count. `record` (this run compared two disjoint parts of the dataset,
+    split at `split_fraction`): this run's figures are the floor, recorded for later runs. `lookup` (a model or
+    images against the whole dataset): the one recorded, or, with `measure`, measured now and recorded. Else None
+    (one class, or another dataset)."""
     size, channels = reference.describe["image_size"], reference.describe["channels"]
     key = floor_key(dataset, size, channels, min(len(reference), len(generated)), select["split"], extractor.identity)
     if record:
