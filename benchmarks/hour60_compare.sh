@@ -1,0 +1,31 @@
+#!/bin/bash
+# Issue 20's time to quality on the 60-minute CPU run (benchmarks/hour_run.sh: tiny, 3,500 steps of 64,
+# --posthoc_ema with a snapshot every 219 steps, a pipeline every 875 = 15 quiet minutes): at 15, 30 and 60 minutes,
+# plain sampling (the run's EMA pipeline) against the best setting of the 45-minute run (benchmarks/hour_compare.sh):
+# post-hoc EMA 0.02 + autoguidance 2.5 by the run's own 0.02 EMA at a quarter of the steps; at 60 minutes also the
+# guide at other scales, the run's 15-minute pipeline as the guide, and the purpose-trained half-width guide
+# (benchmarks/hour_guide.sh). Each row is `ddpmkit eval` at 500 images, deis, per class, seed 0; resumable.
+# The table: benchmarks/results/hour60_compare.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
+RUN=${RUN:-runs/hour60}
+GUIDE=${GUIDE:-runs/hour-guide-half}
+OUT=benchmarks/results/hour60_compare
+mkdir -p "$OUT"
+source benchmarks/hour_lib.sh
+row plain                  --model "$RUN" --autoguide none
+row m60-best               --model "$(ema)" --autoguide "$(ema 876)" --autoguide_scale 2.5
+row m15-plain              --model "$RUN/step_875" --autoguide none
+row m15-best               --model "$(ema 876)" --autoguide "$(ema 219)" --autoguide_scale 2.5
+row m30-plain              --model "$RUN/step_1750" --autoguide none
+row m30-best               --model "$(ema 1752)" --autoguide "$(ema 438)" --autoguide_scale 2.5
+row ema002-plain           --model "$(ema)" --autoguide none
+row ema002-ag3-ema002-step876 --model "$(ema)" --autoguide "$(ema 876)" --autoguide_scale 3
+row ema002-ag2.5-step875   --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2.5
+row ema002-ag2.5-half${HALF_STEP:=438} --model "$(ema)" --autoguide "$GUIDE/step_$HALF_STEP" --autoguide_scale 2.5
+ln -sf plain.json "$OUT/m60-plain.json"
+cp -f "$OUT/m60-best.json" "$OUT/ema002-ag2.5-ema002-step876.json"
+.venv/bin/python benchmarks/hour_table.py "$OUT" \
+  "The 60-minute CPU run: plain against post-hoc EMA and autoguidance (benchmarks/hour60_compare.sh)" \
+  "runs/hour60 at step 3,500 (60 quiet minutes of a 2-core AMD EPYC);"

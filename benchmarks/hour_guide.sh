@@ -1,0 +1,14 @@
+#!/bin/bash
+# A purpose-trained smaller guide for the one-hour CPU run (issue 20; EDM2's autoguidance pairs each main network
+# with a smaller one trained for a fraction of its images): `tiny` at half its width (benchmarks/hour_guide_unet.json,
+# 0.8M parameters against 3.2M), emoji32's recipe, 875 steps of 64 with a pipeline every 219. Resumable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/hour-guide-half}
+STEPS=${STEPS:-875}
+EVERY=${EVERY:-219}
+R=(); [ -d "$RUN/checkpoints" ] && R=(--resume_from_checkpoint latest)
+exec "${DDPMKIT:-.venv/bin/ddpmkit}" train --dataset emoji --class_column label --cond_drop_prob 0.1 \
+  --unet_config benchmarks/hour_guide_unet.json --image_size 32 --batch_size 64 --lr 1e-3 --max_steps "$STEPS" \
+  --lr_warmup_steps 50 --lr_scheduler cosine --prediction_type v_prediction --beta_schedule squaredcos_cap_v2 \
+  --use_ema --save_model_every "$EVERY" --checkpointing_steps 150 --output_dir "$RUN" "${R[@]}"

@@ -1,0 +1,13 @@
+# Shared by benchmarks/hour_compare.sh and benchmarks/hour60_compare.sh (sourced): DDPMKIT, RUN and OUT set by them.
+ema() {  # the post-hoc EMA of length 0.02 of $RUN, at a step (or the end): a pipeline folder, made once
+  local dir="$RUN-ema0.02${1:+-step$1}"
+  [ -d "$dir" ] || $DDPMKIT ema "$RUN" --sigma_rel 0.02 ${1:+--step $1} --out "$dir" >&2
+  echo "$dir"
+}
+row() {  # name, then eval flags; a row whose JSON exists is skipped (resumable)
+  local name=$1; shift
+  [ -f "$OUT/$name.json" ] && return
+  $DDPMKIT eval --dataset emoji --per_class --num_images 500 --scheduler deis --out "$OUT/$name.json" "$@" \
+    2>&1 | tr '\r' '\n' | grep -v '^sampling\|^features\|^ *$' > "$OUT/$name.log"
+  grep -E '^FID' "$OUT/$name.log" || tail -5 "$OUT/$name.log"
+}
