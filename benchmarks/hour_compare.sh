@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
 RUN=${RUN:-runs/hour}
+GUIDE=${GUIDE:-runs/hour-guide-half}
 OUT=benchmarks/results/hour_compare
 mkdir -p "$OUT"
 source benchmarks/hour_lib.sh
@@ -24,5 +25,8 @@ row ema002-ag2-ema002-step528 --model "$RUN-ema0.02" --autoguide "$RUN-ema0.02-s
 row ema002-ag3-ema002-step528 --model "$RUN-ema0.02" --autoguide "$RUN-ema0.02-step528" --autoguide_scale 3
 row ema002-ag3-ema002-step264 --model "$RUN-ema0.02" --autoguide "$RUN-ema0.02-step264" --autoguide_scale 3
 row ema002-ag4-step1050       --model "$RUN-ema0.02" --autoguide "$RUN/step_1050" --autoguide_scale 4
+# the purpose-trained half-width guide (benchmarks/hour_guide.sh: 0.79M parameters against 3.15M, 875 steps of 64)
+row ema002-ag2.5-half438      --model "$RUN-ema0.02" --autoguide "$GUIDE/step_438" --autoguide_scale 2.5
+row ema002-ag2.5-half875      --model "$RUN-ema0.02" --autoguide "$GUIDE" --autoguide_scale 2.5
 .venv/bin/python benchmarks/hour_table.py "$OUT" "The one-hour CPU run: plain against post-hoc EMA and autoguidance (benchmarks/hour_compare.sh)" \
   "runs/hour at step 2,100;"
