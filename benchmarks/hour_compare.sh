@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 20's comparison on the 45-minute CPU run runs/hour (RUN=runs/hour STEPS=2100 EVERY=525 bash
-# benchmarks/hour_run.sh: tiny, 2,100 steps of 64, --posthoc_ema,# --save_model_every 525): the run sampled plainly against autoguidance by the run's own early model, with the
+# benchmarks/hour_run.sh: tiny, 2,100 steps of 64, --posthoc_ema, --save_model_every 525): the run sampled plainly
+# against autoguidance by the run's own early model, with the
 # best post-hoc EMA length (benchmarks/results/hour_phema_sweep.json: sigma_rel 0.02). Each row is `ddpmkit eval`
 # at 500 images, deis, per class, seed 0; a row whose JSON exists is skipped (resumable). The table:
 # benchmarks/results/hour_compare.md.
