@@ -22,6 +22,16 @@ from ddpmkit.models import PRESETS  # noqa: E402  (after the environment: huggin
 MICRO_UNET = dict(PRESETS["micro"])  # ~20k parameters: a full 1000-step loop takes a few seconds on CPU
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_micro_unet(sample_size: int = 8, channels: int = 3, seed: int = 0, **extra):
     from diffusers import UNet2DModel
 

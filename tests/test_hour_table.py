@@ -2,20 +2,10 @@
 best row last, the time-to-quality table from the mNN-plain / mNN-best rows, a missing row left out)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hour_table.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("hour_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def eval_json(fid, kid=0.1, guide=None, scale=None, name="runs/x"):
@@ -36,7 +26,7 @@ def test_table_and_curve(tmp_path):
     for name, r in rows.items():
         (out / f"{name}.json").write_text(json.dumps(r))
     (out / "m60-plain.json").symlink_to("plain.json")
-    load_script().main(str(out), "Title", "note;")
+    load_benchmark("hour_table").main(str(out), "Title", "note;")
     text = (tmp_path / "cmp.md").read_text()
     assert text.startswith("# Title\n\nnote; `ddpmkit eval")
     assert "floor at 500 images: FID 52.3" in text
@@ -52,4 +42,4 @@ def test_table_and_curve(tmp_path):
 def test_no_rows(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no row in"):
-        load_script().main(str(tmp_path / "empty"), "Title")
+        load_benchmark("hour_table").main(str(tmp_path / "empty"), "Title")

@@ -2,25 +2,15 @@
 Inception, model calls counted on the UNet, a plot, and a second run that keeps the rows already measured."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_micro_unet
+from conftest import load_benchmark, make_micro_unet
 from PIL import Image
 
 from ddpmkit.runs import write_meta
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_per_step.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("quality_per_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -43,7 +33,7 @@ def micro_model(tmp_path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_quality_table_runs_two_rows_and_resumes(micro_model, tmp_path, caplog):
-    script = load_script()
+    script = load_benchmark("quality_per_step")
     model, _ = micro_model
     argv = ["--model", str(model), "--label_column", "folder", "--num_images", "20", "--rows", "ddim-10,heun-karras-30",
             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--plot", str(tmp_path / "q.png"),
@@ -73,7 +63,7 @@ def test_quality_table_runs_two_rows_and_resumes(micro_model, tmp_path, caplog):
 def test_rows_sampled_on_one_machine_and_evaluated_on_another_give_the_same_figures(micro_model, tmp_path):
     """--samples DIR --sample_only keeps each row's images (no Inception needed: a GPU machine); the same command
     without --sample_only evaluates them against the same reference, so the FID equals sampling and evaluating here."""
-    script = load_script()
+    script = load_benchmark("quality_per_step")
     model, _ = micro_model
     common = ["--model", str(model), "--label_column", "folder", "--num_images", "20", "--rows", "ddim-10",
               "--cache_dir", str(tmp_path / "cache"), "--docs", "", "--no_ship", "--quiet",
