@@ -8,11 +8,9 @@
 # The table: benchmarks/results/hour60_compare.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
 RUN=${RUN:-runs/hour60}
 GUIDE=${GUIDE:-runs/hour-guide-half}
 OUT=benchmarks/results/hour60_compare
-mkdir -p "$OUT"
 source benchmarks/hour_lib.sh
 points=${*:-15 30 60}  # the points to measure now (a point's rows need its pipeline and snapshots: run "15" early)
 for minutes in $points; do case $minutes in

@@ -7,11 +7,9 @@
 # benchmarks/results/hour_compare.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
 RUN=${RUN:-runs/hour}
 GUIDE=${GUIDE:-runs/hour-guide-half}
 OUT=benchmarks/results/hour_compare
-mkdir -p "$OUT"
 source benchmarks/hour_lib.sh
 for step in 264 528 ""; do ema "$step" >/dev/null; done  # the 0.02 EMA at the end and at 1/8 and 1/4 of the run
 row plain                     --model "$RUN" --autoguide none

@@ -1,4 +1,6 @@
-# Shared by benchmarks/hour_compare.sh and benchmarks/hour60_compare.sh (sourced): DDPMKIT, RUN and OUT set by them.
+# Shared by benchmarks/hour_compare.sh and benchmarks/hour60_compare.sh (sourced after they set RUN and OUT).
+DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
+mkdir -p "$OUT"
 ema() {  # the post-hoc EMA of length 0.02 of $RUN, at a step (or the end): a pipeline folder, made once
   local dir="$RUN-ema0.02${1:+-step$1}"
   [ -d "$dir" ] || $DDPMKIT ema "$RUN" --sigma_rel 0.02 ${1:+--step $1} --out "$dir" >&2
