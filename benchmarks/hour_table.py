@@ -4,7 +4,7 @@
 
 reads each row's `ddpmkit eval --out` JSON in OUT_DIR and writes OUT_DIR.md: one line per row, best FID last, with
 the ratio against the row named `plain`; rows named `mNN-plain` and `mNN-best` (NN training minutes) also make the
-time-to-quality table, plain against the best setting at each point."""
+time-to-quality table, plain against the best setting at each point, and its plot OUT_DIR.png."""
 import json
 import pathlib
 import re
@@ -21,16 +21,39 @@ def row_line(name, r, base):
             f"{r['recall']:.3f} |")
 
 
-def curve_lines(rows):
+def curve_points(rows):
+    """[(minutes, plain row, best row)] for the points that have both."""
     minutes = sorted({int(m.group(1)) for n in rows if (m := re.match(r"m(\d+)-(plain|best)$", n))})
-    if not minutes:
+    return [(mins, rows[f"m{mins}-plain"], rows[f"m{mins}-best"]) for mins in minutes
+            if f"m{mins}-plain" in rows and f"m{mins}-best" in rows]
+
+
+def plot_curve(points, path):
+    """FID against training minutes, plain and best: the time-to-quality picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+    for which, index, style in (("plain", 1, "o-"), ("post-hoc EMA + autoguidance", 2, "s-")):
+        ax.plot([p[0] for p in points], [p[index]["fid"] for p in points], style, label=which)
+    ax.axhline(points[0][1]["floor"]["fid"], color="gray", linestyle=":", label="floor (two halves of the data)")
+    ax.set_xlabel("training minutes (quiet 2-core CPU)")
+    ax.set_ylabel("FID (500 images)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def curve_lines(points):
+    if not points:
         return []
     lines = ["", "Time to quality: plain against the best setting at each point", "",
              "| minutes | plain FID | best FID | plain / best | plain KID | best KID |", "|---|---|---|---|---|---|"]
-    for mins in minutes:
-        p, b = rows.get(f"m{mins}-plain"), rows.get(f"m{mins}-best")
-        if not (p and b):
-            continue
+    for mins, p, b in points:
         lines.append(f"| {mins} | {p['fid']:.1f} | {b['fid']:.1f} | {p['fid'] / b['fid']:.2f} | "
                      f"{p['kid_mean']:.4f} | {b['kid_mean']:.4f} |")
     return lines
@@ -42,14 +65,17 @@ def main(out, title, note=""):
     if not rows:
         sys.exit(f"no row in {out}: run the comparison first")
     base = rows.get("plain", {}).get("fid")
+    points = curve_points(rows)
     floor = next(iter(rows.values()))["floor"]
     lines = ["| row | main model | guide | scale | model calls per image | FID (500 images) | plain / FID | KID | "
              "precision | recall |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row_line(n, r, base) for n, r in sorted(rows.items(), key=lambda kv: -kv[1]["fid"])
               if not re.match(r"m\d+-", n)]
     text = (f"# {title}\n\n{note}{' ' if note else ''}`ddpmkit eval --per_class --num_images 500 --scheduler deis`, "
-            f"seed 0; floor at 500 images: FID {floor['fid']:.1f}.\n\n" + "\n".join(lines + curve_lines(rows)) + "\n")
+            f"seed 0; floor at 500 images: FID {floor['fid']:.1f}.\n\n" + "\n".join(lines + curve_lines(points)) + "\n")
     out.with_suffix(".md").write_text(text)
+    if points:
+        plot_curve(points, out.with_suffix(".png"))
     print(text)
 
 

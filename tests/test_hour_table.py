@@ -1,5 +1,5 @@
 """benchmarks/hour_table.py: the hour runs' comparison tables from `ddpmkit eval --out` JSONs (ratios against plain,
-best row last, the time-to-quality table from the mNN-plain / mNN-best rows, a missing row left out)."""
+best row last, the time-to-quality table and plot from the mNN-plain / mNN-best rows, a missing row left out)."""
 from __future__ import annotations
 
 import json
@@ -37,6 +37,17 @@ def test_table_and_curve(tmp_path):
     assert "| 15 | 300.0 | 240.0 | 1.25 |" in text
     assert "| 60 | 200.0 | 125.0 | 1.60 |" in text
     assert "| 30 |" not in text
+    assert (tmp_path / "cmp.png").stat().st_size > 1000  # the curve's plot
+
+
+def test_no_curve_without_points(tmp_path):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "plain.json").write_text(json.dumps(eval_json(200.0)))
+    (out / "m15-plain.json").write_text(json.dumps(eval_json(300.0)))  # no m15-best: no point
+    load_benchmark("hour_table").main(str(out), "Title")
+    assert "Time to quality" not in (tmp_path / "cmp.md").read_text()
+    assert not (tmp_path / "cmp.png").exists()
 
 
 def test_no_rows(tmp_path):
