@@ -3,13 +3,11 @@
 # --posthoc_ema with a snapshot every 219 steps, a pipeline every 875 = 15 quiet minutes): at 15, 30 and 60 minutes,
 # plain sampling (the run's EMA pipeline) against the best setting of the 45-minute run (benchmarks/hour_compare.sh):
 # post-hoc EMA 0.02 + autoguidance 2.5 by the run's own 0.02 EMA at a quarter of the steps; at 60 minutes also the
-# guide at other scales, the run's 15-minute pipeline as the guide, and the purpose-trained half-width guide
-# (benchmarks/hour_guide.sh). Each row is `ddpmkit eval` at 500 images, deis, per class, seed 0; resumable.
+# run's 15-minute pipeline as the guide. Each row is `ddpmkit eval` at 500 images, deis, per class, seed 0; resumable.
 # The table: benchmarks/results/hour60_compare.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/hour60}
-GUIDE=${GUIDE:-runs/hour-guide-half}
 OUT=benchmarks/results/hour60_compare
 source benchmarks/hour_lib.sh
 points=${*:-15 30 60}  # the points to measure now (a point's rows need its pipeline and snapshots: run "15" early)
@@ -20,8 +18,7 @@ for minutes in $points; do case $minutes in
       row m30-best               --model "$(ema 1752)" --autoguide "$(ema 438)" --autoguide_scale 2.5 ;;
   60) row plain                  --model "$RUN" --autoguide none
       row m60-best               --model "$(ema)" --autoguide "$(ema 876)" --autoguide_scale 2.5
-      row ema002-ag2.5-step875   --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2.5
-      row ema002-plain           --model "$(ema)" --autoguide none ;;
+      row ema002-ag2.5-step875   --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2.5 ;;
   *) echo "usage: $0 [15] [30] [60]" >&2; exit 2 ;;
 esac; done
 [ -f "$OUT/plain.json" ] || exit 0
