@@ -17,13 +17,13 @@ for minutes in $points; do case $minutes in
   30) row m30-plain              --model "$RUN/step_1750" --autoguide none
       row m30-best               --model "$(ema 1752)" --autoguide "$(ema 438)" --autoguide_scale 2.5 ;;
   60) row plain                  --model "$RUN" --autoguide none
-      row m60-best               --model "$(ema)" --autoguide "$(ema 876)" --autoguide_scale 2.5
+      row ema002-ag2.5-ema002-step876 --model "$(ema)" --autoguide "$(ema 876)" --autoguide_scale 2.5
       row ema002-ag2.5-step875   --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2.5 ;;
   *) echo "usage: $0 [15] [30] [60]" >&2; exit 2 ;;
 esac; done
 [ -f "$OUT/plain.json" ] || exit 0
 ln -sf plain.json "$OUT/m60-plain.json"
-[ -f "$OUT/m60-best.json" ] && cp -f "$OUT/m60-best.json" "$OUT/ema002-ag2.5-ema002-step876.json"
+ln -sf ema002-ag2.5-ema002-step876.json "$OUT/m60-best.json"  # the 60-minute point of the curve
 .venv/bin/python benchmarks/hour_table.py "$OUT" \
   "The 60-minute CPU run: plain against post-hoc EMA and autoguidance (benchmarks/hour60_compare.sh)" \
   "runs/hour60 at step 3,500 (60 quiet minutes of a 2-core AMD EPYC);"

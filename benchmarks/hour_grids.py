@@ -23,12 +23,12 @@ from ddpmkit.sampling import SamplerSettings, sample  # noqa: E402
 
 def side(model: str, names: list[str], per_class: int, seed: int, path: Path, **guide) -> Path:
     pipe = load_pipeline(model)
-    labels = [k for k, name in enumerate(names) if name != "Component" for _ in range(per_class)]
+    kept = [(k, name) for k, name in enumerate(names) if name != "Component"]
+    labels = [k for k, _ in kept for _ in range(per_class)]
     sampler = SamplerSettings(scheduler="deis", **guide)
     out = sample(pipe, **sampler.kwargs(), num_images=len(labels), seed=seed, class_labels=labels, cfg_scale=1.0,
                  progress=False)
-    kept = [name for name in names if name != "Component"]
-    return labelled_rows(list(out.images.split(per_class)), kept, path, scale=2)
+    return labelled_rows(list(out.images.split(per_class)), [name for _, name in kept], path, scale=2)
 
 
 def main(argv=None) -> int:
