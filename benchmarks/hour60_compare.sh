@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/hour60}
 OUT=benchmarks/results/hour60_compare
 source benchmarks/hour_lib.sh
-points=${*:-15 30 60}  # the points to measure now (a point's rows need its pipeline and snapshots: run "15" early)
+points=${*:-15 30 60 sweep}  # the points to measure now (a point's rows need its pipeline and snapshots: run "15" early)
 for minutes in $points; do case $minutes in
   15) row m15-plain              --model "$RUN/step_875" --autoguide none
       row m15-best               --model "$(ema 876)" --autoguide "$(ema 219)" --autoguide_scale 2.5 ;;
@@ -19,7 +19,15 @@ for minutes in $points; do case $minutes in
   60) row plain                  --model "$RUN" --autoguide none
       row ema002-ag2.5-ema002-step876 --model "$(ema)" --autoguide "$(ema 876)" --autoguide_scale 2.5
       row ema002-ag2.5-step875   --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2.5 ;;
-  *) echo "usage: $0 [15] [30] [60]" >&2; exit 2 ;;
+  sweep)  # at 60 minutes, beyond the 45-minute run's best: the scale, the EMA lengths, a guide at 1/8 of the
+          # steps, and the SDE sampler (`auto`: DPM++ SDE 40 Karras steps, 79 calls) for plain and guided alike
+      row ema002-ag3-step875     --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 3
+      row plain-sde              --model "$RUN" --autoguide none --scheduler auto
+      row ema002-ag2.5-step875-sde --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2.5 --scheduler auto
+      row ema001-ag2.5-step875   --model "$(ema "" 0.01)" --autoguide "$RUN/step_875" --autoguide_scale 2.5
+      row ema002-ag2.5-ema002-step438 --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5
+      row ema002-ag2-step875     --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2 ;;
+  *) echo "usage: $0 [15] [30] [60] [sweep]" >&2; exit 2 ;;
 esac; done
 [ -f "$OUT/plain.json" ] || exit 0
 ln -sf plain.json "$OUT/m60-plain.json"

@@ -3,7 +3,7 @@
     python benchmarks/hour_table.py OUT_DIR TITLE [NOTE]
 
 reads each row's `ddpmkit eval --out` JSON in OUT_DIR and writes OUT_DIR.md: one line per row, best FID last, with
-the ratio against the row named `plain`; rows named `mNN-plain` and `mNN-best` (NN training minutes) also make the
+the ratio against plain at the same sampler and seed (the row `plain` or a row named `plain-...` without guidance); rows named `mNN-plain` and `mNN-best` (NN training minutes) also make the
 time-to-quality table, plain against the best setting at each point, and its plot OUT_DIR.png."""
 import json
 import pathlib
@@ -11,12 +11,26 @@ import re
 import sys
 
 
+def sampling_key(r):
+    """What a row's plain baseline must share with it: the sampler, its steps and the seed."""
+    m = r["settings"]["model"]
+    return m["sampler"]["scheduler"], m["sampler"].get("steps"), m.get("seed", 0)
+
+
+def plain_fids(rows):
+    """{sampling key: FID} of the plain rows (`plain`, `plain-...`: no autoguidance)."""
+    return {sampling_key(r): r["fid"] for n, r in rows.items()
+            if (n == "plain" or n.startswith("plain-")) and not r["settings"]["model"]["sampler"].get("autoguide")}
+
+
 def row_line(name, r, base):
     m = r["settings"]["model"]
     s = m["sampler"]
     calls = f"{m['nfe']} + {m['guide_calls']}" if m.get("guide_calls") else str(m["nfe"])
     ratio = f"{base / r['fid']:.2f}" if base else "-"
-    return (f"| {name} | {m['name']} | {s.get('autoguide', '-')} | {s.get('autoguide_scale', '-')} | {calls} | "
+    guide = s.get("autoguide", "-") + (f" in {s['guidance_interval']}" if s.get("guidance_interval") else "")
+    sampler = f"{s['scheduler']} {s.get('steps') or ''}".strip() + (f", seed {m['seed']}" if m.get("seed") else "")
+    return (f"| {name} | {m['name']} | {guide} | {s.get('autoguide_scale', '-')} | {sampler} | {calls} | "
             f"{r['fid']:.1f} | {ratio} | {r['kid_mean']:.4f} ± {r['kid_std']:.4f} | {r['precision']:.3f} | "
             f"{r['recall']:.3f} |")
 
@@ -64,15 +78,16 @@ def main(out, title, note=""):
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
     if not rows:
         sys.exit(f"no row in {out}: run the comparison first")
-    base = rows.get("plain", {}).get("fid")
+    bases = plain_fids(rows)
     points = curve_points(rows)
     floor = next(iter(rows.values()))["floor"]
-    lines = ["| row | main model | guide | scale | model calls per image | FID (500 images) | plain / FID | KID | "
-             "precision | recall |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [row_line(n, r, base) for n, r in sorted(rows.items(), key=lambda kv: -kv[1]["fid"])
+    lines = ["| row | main model | guide | scale | sampler | model calls per image | FID (500 images) | plain / FID | "
+             "KID | precision | recall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row_line(n, r, bases.get(sampling_key(r))) for n, r in sorted(rows.items(), key=lambda kv: -kv[1]["fid"])
               if not re.match(r"m\d+-", n)]
-    text = (f"# {title}\n\n{note}{' ' if note else ''}`ddpmkit eval --per_class --num_images 500 --scheduler deis`, "
-            f"seed 0; floor at 500 images: FID {floor['fid']:.1f}.\n\n" + "\n".join(lines + curve_lines(points)) + "\n")
+    text = (f"# {title}\n\n{note}{' ' if note else ''}`ddpmkit eval --per_class --num_images 500` (deis 15 steps "
+            f"unless the row says), seed 0 unless the row says; plain / FID: against plain at the row's sampler and "
+            f"seed; floor at 500 images: FID {floor['fid']:.1f}.\n\n" + "\n".join(lines + curve_lines(points)) + "\n")
     out.with_suffix(".md").write_text(text)
     if points:
         plot_curve(points, out.with_suffix(".png"))
