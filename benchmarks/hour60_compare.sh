@@ -3,7 +3,8 @@
 # --posthoc_ema with a snapshot every 219 steps, a pipeline every 875 = 15 quiet minutes): at 15, 30 and 60 minutes,
 # plain sampling (the run's EMA pipeline) against the best setting of the 45-minute run (benchmarks/hour_compare.sh):
 # post-hoc EMA 0.02 + autoguidance 2.5 by the run's own 0.02 EMA at a quarter of the steps; at 60 minutes also the
-# run's 15-minute pipeline as the guide. Each row is `ddpmkit eval` at 500 images, deis, per class, seed 0; resumable.
+# run's 15-minute pipeline as the guide; `sweep`: more settings at 60 minutes, and plain and guided at the SDE sampler.
+# Each row is `ddpmkit eval` at 500 images, deis unless it says, per class, seed 0 unless it says; resumable.
 # The table: benchmarks/results/hour60_compare.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,12 @@ for minutes in $points; do case $minutes in
       row ema002-ag2.5-step875-sde --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2.5 --scheduler auto
       row ema001-ag2.5-step875   --model "$(ema "" 0.01)" --autoguide "$RUN/step_875" --autoguide_scale 2.5
       row ema002-ag2.5-ema002-step438 --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5
-      row ema002-ag2-step875     --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2 ;;
+      row ema002-ag2-step875     --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2
+      row ema002-ag2.5-ema002-step438-sde --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5 --scheduler auto
+      # the best of these (chosen on seed 0), repeated at seed 1
+      row plain-sde-seed1        --model "$RUN" --autoguide none --scheduler auto --seed 1
+      row ema002-ag2.5-ema002-step438-sde-seed1 --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5 \
+        --scheduler auto --seed 1 ;;
   *) echo "usage: $0 [15] [30] [60] [sweep]" >&2; exit 2 ;;
 esac; done
 [ -f "$OUT/plain.json" ] || exit 0
