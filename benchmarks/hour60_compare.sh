@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/hour60}
 OUT=benchmarks/results/hour60_compare
 source benchmarks/hour_lib.sh
-points=${*:-15 30 60 sweep}  # the points to measure now (a point's rows need its pipeline and snapshots: run "15" early)
+points=${*:-15 30 60 sweep}  # the points to measure now (a point's rows need its pipeline and snapshots: "15" early)
 for minutes in $points; do case $minutes in
   15) row m15-plain              --model "$RUN/step_875" --autoguide none
       row m15-best               --model "$(ema 876)" --autoguide "$(ema 219)" --autoguide_scale 2.5 ;;
@@ -28,7 +28,8 @@ for minutes in $points; do case $minutes in
       row ema001-ag2.5-step875   --model "$(ema "" 0.01)" --autoguide "$RUN/step_875" --autoguide_scale 2.5
       row ema002-ag2.5-ema002-step438 --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5
       row ema002-ag2-step875     --model "$(ema)" --autoguide "$RUN/step_875" --autoguide_scale 2
-      row ema002-ag2.5-ema002-step438-sde --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5 --scheduler auto
+      row ema002-ag2.5-ema002-step438-sde --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5 \
+        --scheduler auto
       # the best of these (chosen on seed 0), repeated at seed 1
       row plain-sde-seed1        --model "$RUN" --autoguide none --scheduler auto --seed 1
       row ema002-ag2.5-ema002-step438-sde-seed1 --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5 \

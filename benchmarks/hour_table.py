@@ -3,8 +3,9 @@
     python benchmarks/hour_table.py OUT_DIR TITLE [NOTE]
 
 reads each row's `ddpmkit eval --out` JSON in OUT_DIR and writes OUT_DIR.md: one line per row, best FID last, with
-the ratio against plain at the same sampler and seed (the row `plain` or a row named `plain-...` without guidance); rows named `mNN-plain` and `mNN-best` (NN training minutes) also make the
-time-to-quality table, plain against the best setting at each point, and its plot OUT_DIR.png."""
+the ratio against plain at the same sampler and seed (the row `plain` or a row named `plain-...` without guidance);
+rows named `mNN-plain` and `mNN-best` (NN training minutes) also make the time-to-quality table, plain against the
+best setting at each point, and its plot OUT_DIR.png."""
 import json
 import pathlib
 import re
