@@ -119,8 +119,12 @@ def choose(unet, num_images: int, dtype: str = "auto", batch_size: int | None = 
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch_size must be at least 1 (got {batch_size})")
     device = unet.device
+    analytic = not any(p.dim() == 4 for p in unet.parameters())  # no convolutions: nothing to measure or tune
     graphs, graphs_why = _resolve_graphs(unet, dtype, graphs, num_images)
-    torch_dtype, why = _resolve_dtype(unet, dtype, device, num_images, graphs)
+    if analytic and dtype == "auto":  # its arithmetic as written (an exact denoiser in float64 stays float64)
+        torch_dtype, why = unet.dtype, f"an analytic model: its own dtype {str(unet.dtype).removeprefix('torch.')}"
+    else:
+        torch_dtype, why = _resolve_dtype(unet, dtype, device, num_images, graphs)
     why += graphs_why
     if dtype in ("bf16", "fp16") and device.type == "cpu" and not native_bf16(device):
         logger.warning("--dtype %s on a CPU without native reduced precision (no avx512_bf16/AMX): it is emulated "
@@ -128,7 +132,7 @@ def choose(unet, num_images: int, dtype: str = "auto", batch_size: int | None = 
     max_batch = min(num_images, MAX_BATCH.get(device.type, 64))
     if dtype == "fp32" and channels_last is None:  # asked for by name: DDPMPipeline's arithmetic, bit for bit
         channels_last, batch_size = False, batch_size or max_batch
-    if not any(p.dim() == 4 for p in unet.parameters()):  # no convolutions (an analytic model): nothing to tune
+    if analytic:
         return SpeedChoice(torch_dtype, False, batch_size or num_images, why, graphs)
     if batch_size is not None and channels_last is not None:
         return SpeedChoice(torch_dtype, channels_last, batch_size, why + "; batch size and format as given", graphs)
