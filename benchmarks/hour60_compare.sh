@@ -14,9 +14,12 @@ RUN=${RUN:-runs/hour60}
 OUT=${OUT:-benchmarks/results/hour60_compare}  # another run of the recipe (a CPU with other float kernels): its own OUT
 NOTE=${NOTE:-"$RUN at step 3,500 (60 quiet minutes of a 2-core AMD EPYC, AVX2);"}
 source benchmarks/hour_lib.sh
-sde() {  # plain and sweep's best at the SDE sampler (`auto`: DPM++ SDE 40 Karras steps, 79 calls); $1: a seed
+plain_sde() {  # plain at the SDE sampler (`auto`: DPM++ SDE 40 Karras steps, 79 calls); $1: a seed
+  row plain-sde${1:+-seed$1} --model "$RUN" --autoguide none --scheduler auto ${1:+--seed $1}
+}
+sde() {  # plain and sweep's best at the SDE sampler; $1: a seed
   local seed=(${1:+--seed $1})
-  row plain-sde${1:+-seed$1} --model "$RUN" --autoguide none --scheduler auto "${seed[@]}"
+  plain_sde "$@"
   row ema002-ag2.5-ema002-step438-sde${1:+-seed$1} --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2.5 \
     --scheduler auto "${seed[@]}"
 }
@@ -60,7 +63,7 @@ for minutes in $points; do case $minutes in
         --scheduler auto
       row ema002-ag2-ema002-step438-sde --model "$(ema)" --autoguide "$(ema 438)" --autoguide_scale 2 --scheduler auto ;;
   sweep4)  # sweep3's best (the guide at 3/16, 2.5), repeated at seed 1; the same guide at scale 2
-      row plain-sde-seed1        --model "$RUN" --autoguide none --scheduler auto --seed 1
+      plain_sde 1
       row ema002-ag2.5-ema002-step657-sde-seed1 --model "$(ema)" --autoguide "$(ema 657)" --autoguide_scale 2.5 \
         --scheduler auto --seed 1
       row ema002-ag2-ema002-step657-sde --model "$(ema)" --autoguide "$(ema 657)" --autoguide_scale 2 --scheduler auto ;;
