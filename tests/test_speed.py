@@ -305,3 +305,19 @@ def test_an_analytic_model_keeps_its_own_arithmetic_on_a_cpu_with_native_bf16(mo
     choice = tuning.choose(model, num_images=32)
     assert choice.dtype == torch.float32 and "analytic model" in choice.why and choice.batch_size == 32
     assert tuning.choose(model, num_images=32, dtype="bf16").dtype == torch.bfloat16  # asked for by name: as asked
+
+
+def test_sampling_in_bf16_casts_a_copy_without_diffusers_float32_modules_warning(monkeypatch):
+    """UNet2DModel declares no float32 modules, yet diffusers' `to(dtype)` warned on every cast ("There are modules
+    in UNet2DModel that should be kept in float32: []"): twice per `sample()` in bf16 on a CPU with native bf16. The
+    copy is cast all the same, and the caller's weights stay float32."""
+    from diffusers.models import modeling_utils
+
+    warned = []
+    monkeypatch.setattr(modeling_utils.logger, "warning", lambda msg, *a, **k: warned.append(msg))
+    unet = make_micro_unet()
+    with tuning.unet_for_sampling(unet, torch.bfloat16, channels_last=False) as model:
+        assert next(model.parameters()).dtype == torch.bfloat16
+    tuning._forward(unet, torch.bfloat16, False, 2, {})
+    assert not warned, warned
+    assert next(unet.parameters()).dtype == torch.float32
