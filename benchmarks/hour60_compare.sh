@@ -4,7 +4,8 @@
 # plain sampling (the run's EMA pipeline) against the best setting of the 45-minute run (benchmarks/hour_compare.sh):
 # post-hoc EMA 0.02 + autoguidance 2.5 by the run's own 0.02 EMA at a quarter of the steps; at 60 minutes also the
 # run's 15-minute pipeline as the guide; `sweep`: more settings at 60 minutes, and plain and guided at the SDE sampler;
-# `sweep2` to `sweep4`: the guide's age and EMA length, the scale, the main EMA and an interval at the SDE sampler.
+# `sweep2` to `sweep4`: the guide's age and EMA length, the scale, the main EMA and an interval at the SDE sampler;
+# `sdecurve`: the 15/30/60-minute curve at the SDE sampler.
 # Each row is `ddpmkit eval` at 500 images, deis unless it says, per class, seed 0 unless it says; resumable.
 # The table: benchmarks/results/hour60_compare.md. The run trained again on an AVX-512 CPU (other weights) has its own:
 # OUT=benchmarks/results/hour60_avx512 NOTE=... bash benchmarks/hour60_compare.sh sde sweep2 sweep3 sweep4
@@ -67,7 +68,18 @@ for minutes in $points; do case $minutes in
       row ema002-ag2.5-ema002-step657-sde-seed1 --model "$(ema)" --autoguide "$(ema 657)" --autoguide_scale 2.5 \
         --scheduler auto --seed 1
       row ema002-ag2-ema002-step657-sde --model "$(ema)" --autoguide "$(ema 657)" --autoguide_scale 2 --scheduler auto ;;
-  *) echo "usage: $0 [15] [30] [60] [sweep] [sde] [sweep2] [sweep3] [sweep4]" >&2; exit 2 ;;
+  sdecurve)  # the time-to-quality curve at the SDE sampler: plain against the 0.02 EMA guided at 2.5 by the run's
+             # own 0.02 EMA at a quarter of the steps (the deis curve's guide; at 15 minutes step 219, the first snapshot)
+      row m15-plain-sde --model "$RUN/step_875" --autoguide none --scheduler auto
+      row m15-best-sde  --model "$(ema 876)" --autoguide "$(ema 219)" --autoguide_scale 2.5 --scheduler auto
+      row m30-plain-sde --model "$RUN/step_1750" --autoguide none --scheduler auto
+      row m30-best-sde  --model "$(ema 1752)" --autoguide "$(ema 438)" --autoguide_scale 2.5 --scheduler auto
+      plain_sde
+      row ema002-ag2.5-ema002-step876-sde --model "$(ema)" --autoguide "$(ema 876)" --autoguide_scale 2.5 \
+        --scheduler auto
+      ln -sf plain-sde.json "$OUT/m60-plain-sde.json"
+      ln -sf ema002-ag2.5-ema002-step876-sde.json "$OUT/m60-best-sde.json" ;;
+  *) echo "usage: $0 [15] [30] [60] [sweep] [sde] [sweep2] [sweep3] [sweep4] [sdecurve]" >&2; exit 2 ;;
 esac; done
 if [ -f "$OUT/plain.json" ]; then
   ln -sf plain.json "$OUT/m60-plain.json"

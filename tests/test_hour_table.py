@@ -44,6 +44,24 @@ def test_table_and_curve(tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 1000  # the curve's plot
 
 
+def test_a_second_curve_at_the_sde_sampler(tmp_path):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    sde = {"scheduler": "dpm++sde", "steps": 40}
+    rows = {"m15-plain": eval_json(300.0), "m15-best": eval_json(240.0),
+            "m15-plain-sde": eval_json(250.0, **sde), "m15-best-sde": eval_json(125.0, **sde),
+            "m60-plain-sde": eval_json(160.0, **sde), "m60-best-sde": eval_json(100.0, **sde)}
+    for name, r in rows.items():
+        (out / f"{name}.json").write_text(json.dumps(r))
+    load_benchmark("hour_table").main(str(out), "Title")
+    text = (tmp_path / "cmp.md").read_text()
+    deis, sde_part = text.split("at each point (deis 15)")[1].split("at each point (dpm++sde 40)")
+    assert "| 15 | 300.0 | 240.0 | 1.25 |" in deis and "| 60 |" not in deis
+    assert "| 15 | 250.0 | 125.0 | 2.00 |" in sde_part and "| 60 | 160.0 | 100.0 | 1.60 |" in sde_part
+    assert "| m15-" not in text and "| m60-" not in text  # neither curve's rows go in the main table
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
 def test_no_curve_without_points(tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
