@@ -27,7 +27,7 @@ from ddpmkit.evaluation import evaluate  # noqa: E402
 from ddpmkit.images import labelled_rows  # noqa: E402
 from ddpmkit.models import class_names, load_pipeline  # noqa: E402
 from ddpmkit.sampling import SamplerSettings, sample  # noqa: E402
-from ddpmkit.tuning import cpu_model  # noqa: E402
+from ddpmkit.tuning import cpu_model, native_bf16  # noqa: E402
 
 GUIDE = "emoji32-guide"  # the earlier CPU-trained emoji32: the same architecture, 1/8 of the images seen
 INTERVAL = "0.28,5.42"  # Kynkaanniemi et al. 2024's interval for SD-XL, in EDM's sigma (the first try)
@@ -50,6 +50,8 @@ ROWS = {
     "plain-sde": ("plain", SDE, 1.0),
     "cfg2-sde": ("CFG 2", SDE, 2.0),
     "ag2-sde": ("autoguidance 2", {**SDE, "autoguide": GUIDE, "autoguide_scale": 2.0}, 1.0),
+    "ag1.5-sde": ("autoguidance 1.5", {**SDE, "autoguide": GUIDE, "autoguide_scale": 1.5}, 1.0),
+    "ag2.5-sde": ("autoguidance 2.5", {**SDE, "autoguide": GUIDE, "autoguide_scale": 2.5}, 1.0),
 }
 
 
@@ -74,7 +76,12 @@ def run_row(row_id: str, pipe, num_images: int, folder: Path) -> dict:
             "kid_mean": result.kid_mean, "kid_std": result.kid_std, "precision": result.precision,
             "recall": result.recall, "nfe": model.get("nfe"), "guide_calls": model.get("guide_calls", 0),
             "per_class": result.per_class, "floor": result.floor, "num_images": num_images,
-            "seconds": round(time.perf_counter() - started, 1)}
+            "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
+
+
+def machine() -> str:
+    """The CPU a row was measured on, with what decides its sampling arithmetic (bf16 where it is native)."""
+    return f"{cpu_model()}, {'AVX-512 with native bf16' if native_bf16('cpu') else 'no native bf16'}"
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -92,6 +99,10 @@ def write_markdown(results: dict, path: Path) -> None:
         calls = f"{r['nfe']}" + (f" + {r['guide_calls']}" if r["guide_calls"] else "")
         lines.append(f"| {r['row']} | {r['what']} | {r['settings']['scheduler']} | {calls} | {r['fid']:.1f} | {ratio} "
                      f"| {r['kid_mean']:.4f} ± {r['kid_std']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    others = {r["machine"] for r in rows.values() if r.get("machine")}
+    if others:  # rows measured since rows recorded their machine: each names it; the others are the head's
+        lines += ["", "Rows that name their machine (the others: the head's): " + "; ".join(
+            f"{m}: {', '.join(r['row'] for r in rows.values() if r.get('machine') == m)}" for m in sorted(others))]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -112,8 +123,9 @@ def main(argv=None) -> int:
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
     if results.get("num_images") != args.num_images:
         results = {"num_images": args.num_images, "rows": {}}
-    results.update(cpu=cpu_model(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   torch=torch.__version__)
+    for key, value in (("cpu", cpu_model()), ("torch", torch.__version__),
+                       ("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))):
+        results.setdefault(key, value)  # the first rows' machine; later rows record their own
     pipe = load_pipeline("emoji32")
     for row_id in wanted:
         if row_id in results["rows"]:
