@@ -52,6 +52,9 @@ ROWS = {
     "ag2-sde": ("autoguidance 2", {**SDE, "autoguide": GUIDE, "autoguide_scale": 2.0}, 1.0),
     "ag1.5-sde": ("autoguidance 1.5", {**SDE, "autoguide": GUIDE, "autoguide_scale": 1.5}, 1.0),
     "ag2.5-sde": ("autoguidance 2.5", {**SDE, "autoguide": GUIDE, "autoguide_scale": 2.5}, 1.0),
+    "ag2-interval-sde": (f"autoguidance 2 in sigma {INTERVAL}",
+                         {**SDE, "autoguide": GUIDE, "autoguide_scale": 2.0, "guidance_interval": INTERVAL}, 1.0),
+    "cfg2-interval-sde": (f"CFG 2 in sigma {INTERVAL}", {**SDE, "guidance_interval": INTERVAL}, 2.0),
 }
 
 
