@@ -8,7 +8,7 @@
 # `sdecurve`: the 15/30/60-minute curve at the SDE sampler.
 # Each row is `ddpmkit eval` at 500 images, deis unless it says, per class, seed 0 unless it says; resumable.
 # The table: benchmarks/results/hour60_compare.md. The run trained again on an AVX-512 CPU (other weights) has its own:
-# OUT=benchmarks/results/hour60_avx512 NOTE=... bash benchmarks/hour60_compare.sh sde sweep2 sweep3 sweep4
+# OUT=benchmarks/results/hour60_avx512 NOTE=... bash benchmarks/hour60_compare.sh sde sweep2 sweep3 sweep4 sdecurve
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/hour60}
