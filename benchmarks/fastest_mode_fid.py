@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ddpmkit.tuning import cpu_flags, cpu_model, native_bf16  # noqa: E402
+from ddpmkit.tuning import cpu_flags, device_name, native_bf16  # noqa: E402
 
 COMMAND = ("ddpmkit eval --model emoji32 --autoguide none --num_images {n} --scheduler deis --seed 0 "
            "--dtype {dtype}")
@@ -56,7 +55,7 @@ def main() -> None:
     simd = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"})
     results = {dtype: run(dtype, args.num_images) for dtype in ("fp32", "auto")}
     record = {"what": COMMAND.format(n=args.num_images, dtype="{fp32,auto}"),
-              "machine": f"{cpu_model()}, {os.cpu_count()} cores, native bf16: {bf16}; {' '.join(simd)}",
+              "machine": f"{device_name('cpu')}, native bf16: {bf16}; {' '.join(simd)}",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "auto_chose": results["auto"]["chose"],
               "fid_auto_over_fp32": results["auto"]["fid"] / results["fp32"]["fid"], **results}

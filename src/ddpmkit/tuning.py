@@ -250,7 +250,7 @@ def _cached_measurements(unet, what: str, settings: dict) -> dict:
     return {name: known[str(name)] for name in settings}
 
 
-def cast(model, dtype: torch.dtype):
+def _cast(model, dtype: torch.dtype):
     """`model.to(dtype)` in place, without the warning diffusers prints on each cast of a model whose
     `_keep_in_fp32_modules` is a list, even the empty list UNet2DModel declares ("There are modules in UNet2DModel
     that should be kept in float32: []"); a model that names such modules goes through diffusers as before."""
@@ -264,7 +264,7 @@ def _forward(unet, dtype: torch.dtype, channels_last: bool, batch: int, models: 
     graph with `graphs`), on random inputs, as a function of nothing (on a copy of the UNet)."""
     if (dtype, channels_last) not in models:
         model = copy.deepcopy(unet)
-        model = model if dtype == unet.dtype else cast(model, dtype)
+        model = model if dtype == unet.dtype else _cast(model, dtype)
         models[dtype, channels_last] = model.to(memory_format=torch.channels_last) if channels_last else model
     model = models[dtype, channels_last]
     if graphs:  # its own graphs, kept while this measurement runs
@@ -293,7 +293,7 @@ def unet_for_sampling(unet, dtype: torch.dtype, channels_last: bool, graphs: boo
     """The UNet to sample with: a copy when the dtype changes (the caller's weights stay as they are),
     else the module itself, switched to channels-last in place for the duration only; with `graphs` (CUDA), its
     calls replayed from CUDA graphs, one per input shape, released afterwards."""
-    model = unet if dtype == unet.dtype else cast(copy.deepcopy(unet), dtype)
+    model = unet if dtype == unet.dtype else _cast(copy.deepcopy(unet), dtype)
     convs = [p for p in model.parameters() if p.dim() == 4]
     switch = channels_last and model is unet and not all(p.is_contiguous(memory_format=torch.channels_last)
                                                          for p in convs)
