@@ -169,6 +169,17 @@ def test_hub_id_offline_without_cache_is_one_line(empty_hub_cache, tmp_path, cap
     assert code == 2 and len(stderr.splitlines()) == 1 and "google/ddpm-celebahq-256" in stderr
 
 
+def test_missing_folder_under_a_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
+    """`runs/mine` has the form of a Hub id; when runs/ is here, a typo in it is a missing folder, at once (the Hub
+    lookup retried for 40 s online, and its message spoke of the Hub cache)."""
+    monkeypatch.chdir(tmp_path)
+    save_plain_pipeline(tmp_path / "runs" / "mine")
+    code = main(["sample", "--model", "runs/mien", "--out", str(tmp_path / "x.png")])
+    stderr = capsys.readouterr().err.strip()
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert "model folder runs/mien does not exist" in stderr and "not read as a Hub id" in stderr
+
+
 @pytest.mark.parametrize("make, expected", [
     (lambda root: write_images(root / "imgs", n=2) and root / "imgs", "not a diffusion pipeline folder"),
     (lambda root: save_plain_pipeline(root / "p") / "unet" / "config.json", "is a file"),
