@@ -8,18 +8,20 @@
 #                                              EMA snapshot every 100 steps, a pipeline every 500
 #   bash benchmarks/emoji32_cpu_ft.sh sweep    FID of the post-hoc EMA lengths LENGTHS at the last snapshot, plain, at
 #                                              deis, 1,000 images (emoji32 itself there: 122.3, docs/quality.md)
-#   SIGMA=0.07 bash benchmarks/emoji32_cpu_ft.sh default
-#                                              that length as a pipeline, and FID at 2,000 images as `ddpmkit eval
-#                                              --per_class` measures the bundled default (autoguidance 2 by
-#                                              emoji32-guide, the default sampler): 54.9 for emoji32 (floor 17.2)
+#   bash benchmarks/emoji32_cpu_ft.sh default  the post-hoc EMA of length SIGMA (0.10) at the last snapshot as a
+#                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
+#                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
+#                                              default sampler): 54.9 for emoji32 (floor 17.2)
 # Rows are JSON in OUT, skipped when there (resumable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji32-ft}
 OUT=${OUT:-benchmarks/results/emoji32_cpu_ft}
-LENGTHS=${LENGTHS:-0.03,0.06,0.10,0.15}
+LENGTHS=${LENGTHS:-0.05,0.10,0.15,0.20}
+SIGMA=${SIGMA:-0.10}
 DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
 mkdir -p "$OUT"
+last_step() { ls "$RUN/phema" | sed -n 's/^step_0*\([0-9]*\)\.safetensors$/\1/p' | sort -n | tail -1; }
 case ${1:-} in
   train)
     mp=no; grep -q -e avx512_bf16 -e amx_bf16 /proc/cpuinfo && mp=bf16
@@ -29,15 +31,15 @@ case ${1:-} in
       --checkpoints_total_limit 2 --resume_from_checkpoint latest --cache_dir runs/.emoji-cache --output_dir "$RUN" \
       --log_every 20 ;;
   sweep)
-    step=$(ls "$RUN/phema" | sed -n 's/^step_0*\([0-9]*\)\.safetensors$/\1/p' | sort -n | tail -1)
-    name=sweep-step$step
+    name=sweep-step$(last_step)
     [ -f "$OUT/$name.json" ] || "$DDPMKIT" eval --model "$RUN" --sigma_rel "$LENGTHS" --dataset emoji --per_class \
       --num_images 1000 --scheduler deis --autoguide none --seed 0 --out "$OUT/$name.json" 2>&1 | tr '\r' '\n' \
       | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log" ;;
   default)
-    dir=$RUN-ema$SIGMA
-    [ -d "$dir" ] || "$DDPMKIT" ema "$RUN" --sigma_rel "$SIGMA" --out "$dir"
-    name=ema$SIGMA-$(python3 -c "import json; print('step%d' % json.load(open('$dir/ddpmkit.json'))['step'])")-default-2000
+    step=$(last_step)
+    dir=$RUN-ema$SIGMA-step$step
+    [ -d "$dir" ] || "$DDPMKIT" ema "$RUN" --sigma_rel "$SIGMA" --step "$step" --out "$dir"
+    name=ema$SIGMA-step$step-default-2000
     [ -f "$OUT/$name.json" ] || "$DDPMKIT" eval --model "$dir" --autoguide emoji32-guide --autoguide_scale 2 \
       --dataset emoji --per_class --num_images 2000 --seed 0 --out "$OUT/$name.json" 2>&1 | tr '\r' '\n' \
       | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log" ;;
