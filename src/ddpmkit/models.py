@@ -240,9 +240,9 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
         source, local = str(path), True
     elif _looks_like_path(name):
         raise UserError(f"model folder {name} does not exist: check the path")
-    elif Path(name.split("/")[0]).is_dir():  # runs/mine: a folder here, not Hub user runs (which costs retries)
-        raise UserError(f"model folder {name} does not exist: check the path (the folder {name.split('/')[0]}/ is "
-                        "here, so it is not read as a Hub id)")
+    elif Path(owner := name.split("/")[0]).is_dir():  # runs/mine: a folder here, not Hub user runs (40 s of retries)
+        raise UserError(f"model folder {name} does not exist: check the path (the folder {owner}/ is here, so it is "
+                        "not read as a Hub id)")
     else:
         source, local = name, False
     try:
