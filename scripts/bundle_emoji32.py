@@ -2,19 +2,23 @@
 
     python scripts/bundle_emoji32.py --run runs/emoji32 [--pipeline runs/emoji32/step_2000] [--num_images 2000]
     python scripts/bundle_emoji32.py --run runs/emoji32-ft --pipeline runs/emoji32-ft-ema0.10-step3000 \
-        --default_eval benchmarks/results/emoji32_cpu_ft/ema0.10-step3000-default-2000.json   # trained on further
+        --base OLD_FOLDER   # trained on from the bundled model (OLD_FOLDER: a copy of the folder it started from)
 
-A run that started from the bundled model (`--init_from emoji32`) is its second stage: the model card and
-ddpmkit.json's "bundled" record both stages (the first from the folder being replaced, or --base), and the
-default guidance stored with the bundled model carries over, measured again (--default_eval).
+A run that started from the bundled model (`--init_from emoji32`) is a further stage: the model card and
+ddpmkit.json's "bundled" record every stage (the earlier ones from --base, default the folder being replaced; a
+later step of the run bundled last replaces its stage), and the default guidance stored with the bundled model
+carries over, measured again on the new weights.
 
 What it writes, in a staging folder that replaces the old one when complete:
 - the pipeline (model_index.json, scheduler/, unet/ with the weights cast to float16 in safetensors: loading
   gives float32 tensors equal to those float16 values, in plain diffusers and in ddpmkit);
 - ddpmkit.json (class names, null class, how it was trained) and `samples.png` (one row per category);
-- eval.json: `ddpmkit eval --per_class` of the bundled (float16-rounded) weights against the emoji data;
+- eval.json: `ddpmkit eval --per_class` of the bundled (float16-rounded) weights against the emoji data, without
+  guidance; eval_default.json: the same with the stored default guidance (when there is one);
 - README.md, the model card: the training command, hardware, wall time, images seen, the recipe search, the
   figures with the floor at the same count, the grid and the SHA-256 of the weights file (checked by a test).
+Then run `make quality-table QUALITY_ARGS="--num_images 500"` (about 50 minutes on a 2-core CPU, or sample its rows
+on a GPU): what `ddpmkit schedulers` prints must be of the shipped weights, and tests/test_bundled.py checks that.
 """
 from __future__ import annotations
 
@@ -70,15 +74,18 @@ def write_pipeline(source: Path, staged: Path, run: Path, hardware: str, base: d
     step = meta["step"]
     at = [r for r in log if r["step"] <= step]
     config = meta["train_config"]
-    stage = {"source": str(source.relative_to(ROOT) if source.is_relative_to(ROOT) else source),
-             "steps": step, "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
+    rel = lambda path: str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)  # noqa: E731
+    stage = {"source": rel(source), "run": rel(run), "steps": step, "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
              "train_minutes": round(at[-1]["train_s"] / 60, 1), "hardware": hardware}
     if base is None:
         meta["bundled"] = {**stage, "weights_dtype_on_disk": "float16", "date": time.strftime("%Y-%m-%d")}
     else:  # a second stage: trained on from the bundled model; the totals are both stages'
         first = {k: v for k, v in base["bundled"].items() if k not in ("weights_dtype_on_disk", "date")}
         first = {**first, "train_config": base["train_config"]}
-        stages = [*first.pop("stages", [first]), {**stage, "train_config": config}]
+        stages = first.pop("stages", [first])
+        if stages[-1].get("run") == stage["run"]:  # a later step of the run bundled last: it replaces that stage
+            stages = stages[:-1]
+        stages = [*stages, {**stage, "train_config": config}]
         meta["bundled"] = {"source": stage["source"], "steps": sum(s["steps"] for s in stages),
                            "images_seen": sum(s["images_seen"] for s in stages),
                            "train_minutes": round(sum(s["train_minutes"] for s in stages), 1),
