@@ -75,11 +75,12 @@ def write_pipeline(source: Path, staged: Path, run: Path, hardware: str, base: d
     at = [r for r in log if r["step"] <= step]
     config = meta["train_config"]
     rel = lambda path: str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)  # noqa: E731
-    stage = {"source": rel(source), "run": rel(run), "steps": step, "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
+    stage = {"source": rel(source), "run": rel(run), "steps": step,
+             "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
              "train_minutes": round(at[-1]["train_s"] / 60, 1), "hardware": hardware}
     if base is None:
         meta["bundled"] = {**stage, "weights_dtype_on_disk": "float16", "date": time.strftime("%Y-%m-%d")}
-    else:  # a second stage: trained on from the bundled model; the totals are both stages'
+    else:  # a further stage, trained on from the bundled model: the totals are all stages'
         first = {k: v for k, v in base["bundled"].items() if k not in ("weights_dtype_on_disk", "date")}
         first = {**first, "train_config": base["train_config"]}
         stages = first.pop("stages", [first])
@@ -102,11 +103,15 @@ def guidance_section(meta: dict, plain: dict, default: dict, default_cmd: str) -
     sampling's at the same count and sampler (both `ddpmkit eval --per_class`)."""
     g = meta["default_guidance"]
     guide = (runs.read_meta(DEST.parent / g["autoguide"]).get("bundled") or {}).get("images_seen")
-    seen = f"{guide / 1000:.0f}k images seen, {guide / meta['bundled']['images_seen']:.0%} of this model's" if guide else ""
+    share = guide / meta["bundled"]["images_seen"] if guide else 0
+    seen = f"{guide / 1000:.0f}k images seen, {share:.0%} of this model's" if guide else ""
     sampler = default["settings"]["model"]["sampler"]
     calls = default["settings"]["model"]["nfe"]
-    row = lambda name, e, n: (f"| {name} | {n} | {e['fid']:.1f} | {e['kid_mean']:.4f} ± {e['kid_std']:.4f} | "  # noqa: E731
-                              f"{e['precision']:.3f} | {e['recall']:.3f} |")
+
+    def row(name: str, e: dict, n) -> str:
+        return (f"| {name} | {n} | {e['fid']:.1f} | {e['kid_mean']:.4f} ± {e['kid_std']:.4f} | {e['precision']:.3f} | "
+                f"{e['recall']:.3f} |")
+
     return ["## Default guidance: autoguidance by " + g["autoguide"], "",
             "`ddpmkit sample`, `ddpmkit eval` and the web app sample emoji32 with **autoguidance** (Karras et al. "
             f"2024) when no other guidance is asked for: its guide is `{g['autoguide']}`, the earlier CPU-trained "
@@ -182,7 +187,8 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
         c = stage["train_config"]
         prediction = c.get("prediction_type") or (prediction if c.get("init_from") else "epsilon")  # a fine-tune's
         last = number == len(stages)
-        lines += [f"### Stage {number}" if len(stages) > 1 else "", "", "```bash", hub.training_command(c), "```", "",
+        lines += [f"### Stage {number}", ""] if len(stages) > 1 else []
+        lines += ["```bash", hub.training_command(c), "```", "",
                   f"- Steps: {stage['steps']:,} optimizer steps of {c['batch_size']} images: "
                   f"{stage['images_seen']:,} images seen ({stage['images_seen'] / 4009:.0f} epochs of the 4,009 "
                   f"emoji)" + (f", stopped at step {stage['steps']:,} of the {c['max_steps']:,} asked for."
@@ -234,7 +240,8 @@ def main() -> None:
     parser.add_argument("--note", default=None, help="one more line for the model card's Training section")
     parser.add_argument("--quality_note", default=None, help="a paragraph for the model card's Quality section")
     parser.add_argument("--base", default=None, help="for a run trained on from the bundled model (--init_from "
-                        "emoji32): the folder of the model it started from (default: the bundled folder being replaced)")
+                        "emoji32): the folder of the model it started from (default: the bundled folder being "
+                        "replaced)")
     parser.add_argument("--card_only", action="store_true", help="rewrite README.md from the bundled folder's "
                         "ddpmkit.json and eval.json (no training run, sampling or eval needed)")
     args = parser.parse_args()
@@ -254,7 +261,7 @@ def main() -> None:
     run = Path(args.run).resolve()
     source = Path(args.pipeline).resolve() if args.pipeline else run
     base = None
-    if runs.read_meta(source).get("base_model") == "emoji32":  # trained on from the bundled model: its second stage
+    if runs.read_meta(source).get("base_model") == "emoji32":  # trained on from the bundled model: a further stage
         base = runs.read_meta(Path(args.base) if args.base else DEST)
     staged = DEST.parent / ".tmp_emoji32"
     shutil.rmtree(staged, ignore_errors=True)
