@@ -281,7 +281,7 @@ def main() -> None:
             plain, default = read("eval.json"), read(DEFAULT_EVAL)
             meta["default_guidance"]["why"] = (
                 f"FID {default['fid']:.1f} against {plain['fid']:.1f} without it at {default['num_generated']:,} "
-                f"images with the default sampler ({DEFAULT_EVAL}, eval.json); one call of the guide per step")
+                f"images with the default sampler, in {DEFAULT_EVAL} and eval.json; one call of the guide per step")
             runs.write_meta(DEST, meta)
     hub.save_card(DEST, model_card(meta, read("eval.json"), show(eval_args), show(grid_args), args.note,
                                    args.quality_note, read(DEFAULT_EVAL), show(default_args)))
