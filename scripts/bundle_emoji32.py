@@ -248,10 +248,12 @@ def main() -> None:
     # the grid and eval.json are without guidance; eval_default.json is the same eval with the stored default guidance
     grid_args = ["sample", "--model", "emoji32", "--autoguide", "none", "--num_images", "8", "--seed", "0", "--out",
                  str(DEST / "samples.png"), "--scale", "2"]
-    eval_args = ["eval", "--model", "emoji32", "--autoguide", "none", "--dataset", "emoji", "--per_class",
-                 "--num_images", str(args.num_images), "--seed", "0", "--out", str(DEST / "eval.json")]
-    default_args = [a for a in eval_args if a not in ("--autoguide", "none")]
-    default_args[-1] = str(DEST / DEFAULT_EVAL)
+
+    def measure(out: str, *guidance: str) -> list[str]:
+        return ["eval", "--model", "emoji32", *guidance, "--dataset", "emoji", "--per_class", "--num_images",
+                str(args.num_images), "--seed", "0", "--out", str(DEST / out)]
+
+    eval_args, default_args = measure("eval.json", "--autoguide", "none"), measure(DEFAULT_EVAL)
     show = lambda a: "ddpmkit " + " ".join(x if "/" not in x else Path(x).name for x in a)  # noqa: E731
     read = lambda name: json.loads((DEST / name).read_text()) if (DEST / name).is_file() else None  # noqa: E731
     if args.card_only:
