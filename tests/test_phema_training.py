@@ -243,6 +243,7 @@ def test_eval_sigma_rel_evaluates_each_length_alike_and_names_the_best(trained, 
 
 @pytest.mark.parametrize("argv, says", [
     (["ema", "{empty}", "--sigma_rel", "0.07", "--out", "{tmp}/x"], "has no post-hoc EMA snapshots"),
+    (["ema", "emoji32", "--sigma_rel", "0.07", "--out", "{tmp}/x"], "emoji32 is a bundled pipeline, not a run: give"),
     (["ema", "{run}", "--sigma_rel", "0.3", "--out", "{tmp}/x"], "between 0 and 0.28 (got 0.3)"),
     (["ema", "{run}", "--sigma_rel", "0", "--out", "{tmp}/x"], "between 0 and 0.28 (got 0)"),
     (["ema", "{run}", "--sigma_rel", "0.07", "--step", "2", "--out", "{tmp}/x"], "use a step from 4 to 24"),

@@ -31,6 +31,7 @@ import torch
 from ddpmkit import runs
 from ddpmkit.config import MAX_SIGMA_REL, parse_sigma_rels  # noqa: F401 - parse_sigma_rels: the API's
 from ddpmkit.errors import UserError
+from ddpmkit.models import bundled_models
 
 DEFAULT_SIGMA_RELS = (0.05, 0.10)  # EDM2's two tracked profiles
 FORMAT = "ddpmkit.phema/1"  # a snapshot file's metadata["format"]
@@ -190,7 +191,8 @@ def run_snapshots(run: str | os.PathLike, step: int | None = None) -> list[RunSn
     --output_dir (or the pipeline folder inside it, with --model_save_name)."""
     folder = Path(run)
     if not folder.is_dir():
-        raise UserError(f"{run} is not a folder: give the --output_dir of a run trained with --posthoc_ema")
+        what = "a bundled pipeline, not a run" if str(run) in bundled_models() else "not a folder"
+        raise UserError(f"{run} is {what}: give the --output_dir of a run trained with --posthoc_ema")
     found = runs.phema_snapshots(folder)
     if not found and (folder / "model_index.json").exists():
         found = runs.phema_snapshots(folder.parent)  # the pipeline of a run with --model_save_name
