@@ -169,6 +169,80 @@ def test_hub_id_offline_without_cache_is_one_line(empty_hub_cache, tmp_path, cap
     assert code == 2 and len(stderr.splitlines()) == 1 and "google/ddpm-celebahq-256" in stderr
 
 
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """Online mode (no HF_HUB_OFFLINE), an empty Hugging Face cache, and a Hub host name that does not resolve, as on a
+    laptop without network; any request that still goes out fails the test."""
+    import socket
+
+    import huggingface_hub.utils._http as hub_http
+    from huggingface_hub import constants
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def no_request(*args, **kwargs):  # past huggingface_hub's offline check, on its way to the network
+        raise AssertionError("a request went out to the Hub")
+
+    for variable in hub.PROXY_VARIABLES + ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(hub.socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(hub_http.httpx2.HTTPTransport, "handle_request", no_request)
+    return tmp_path / "hf-cache"
+
+
+def test_hub_id_without_network_loads_from_the_cache_or_fails_in_one_line_at_once(no_network, tmp_path, capsys):
+    """Without network a Hub id reads the cache only (huggingface_hub retried for 30 s, printing ten warnings, and
+    then blamed a missing config.json): a cached model loads, a missing one is one line naming the cause."""
+    from huggingface_hub import constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = no_network / "models--someone--tiny"
+    save_plain_pipeline(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    pipe = load_pipeline("someone/tiny")
+    original = make_micro_unet(8).state_dict()
+    assert all(torch.equal(original[k], v) for k, v in pipe.unet.state_dict().items())
+    assert constants.HF_HUB_OFFLINE is False  # online mode is back after the load
+    code = main(["sample", "--model", "someone/missing", "--out", str(tmp_path / "x.png")])
+    stderr = capsys.readouterr().err.strip()
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert "'someone/missing' is not in the Hugging Face cache and the Hub cannot be reached (huggingface.co does " \
+        "not resolve" in stderr and "local folder" in stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_hub_dataset_without_network_reads_the_cache_only(no_network, monkeypatch, tmp_path, capsys):
+    import datasets
+
+    seen = []
+
+    def load_dataset(source, split):  # datasets' own offline mode is on while it loads
+        seen.append((source, datasets.config.HF_HUB_OFFLINE))
+        raise ConnectionError(f"Couldn't reach '{source}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    code = main(["train", "--dataset", "huggan/smithsonian_butterflies_subset", "--max_steps", "1",
+                 "--output_dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err.strip()
+    assert seen == [("huggan/smithsonian_butterflies_subset", True)] and datasets.config.HF_HUB_OFFLINE is False
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert "dataset 'huggan/smithsonian_butterflies_subset' is not in the Hugging Face cache and the Hub cannot be " \
+        "reached" in stderr and "local image folder" in stderr
+
+
+def test_clip_without_network_is_one_line_naming_the_cause(no_network):
+    from ddpmkit.guidance import load_clip
+
+    with pytest.raises(UserError) as err:
+        load_clip("openai/clip-vit-base-patch32")
+    assert "no CLIP weights for openai/clip-vit-base-patch32 (the Hub cannot be reached: huggingface.co does not " \
+        "resolve" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_folder_under_a_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
     """`runs/mine` has the form of a Hub id; when runs/ is here, a typo in it is a missing folder, at once (the Hub
     lookup retried for 40 s online, and its message spoke of the Hub cache)."""

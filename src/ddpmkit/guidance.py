@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ddpmkit import hub
 from ddpmkit.errors import UserError
 from ddpmkit.prediction import alpha_bar_and_vp_sample, predicted_x0
 from ddpmkit.schedulers import move_factor
@@ -263,6 +264,7 @@ def load_clip(name: str | Path = DEFAULT_CLIP_MODEL):
     """CLIPModel and its tokenizer from a local folder or the Hugging Face cache (downloading only when allowed)."""
     from transformers import AutoTokenizer, CLIPModel
 
+    unreachable = None  # why the Hub cannot be reached (no network): then the cache is all there is
     for local_only in (True, False):
         try:
             model = CLIPModel.from_pretrained(str(name), local_files_only=local_only)
@@ -273,9 +275,10 @@ def load_clip(name: str | Path = DEFAULT_CLIP_MODEL):
                 break
             from huggingface_hub import constants
 
-            if constants.HF_HUB_OFFLINE:
+            if constants.HF_HUB_OFFLINE or (unreachable := hub.hub_unreachable()):
                 break
-    raise UserError(f"no CLIP weights for {name}: run 'hf download {name}' once with network access, or pass "
+    reach = f" (the Hub cannot be reached: {unreachable})" if unreachable else ""
+    raise UserError(f"no CLIP weights for {name}{reach}: run 'hf download {name}' once with network access, or pass "
                     "--clip_model a local folder saved with CLIPModel.save_pretrained (and its tokenizer)")
 
 

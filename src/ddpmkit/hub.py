@@ -1,17 +1,22 @@
-"""The Hub side of a saved pipeline: its README.md model card, and uploading the folder.
+"""The Hub side of a saved pipeline: its README.md model card, uploading the folder, and whether the Hub is there.
 
 `write_model_card` runs for every pipeline ddpmkit saves (final and step_N); `card_metadata`, `card_text` and
 `save_card` are its pieces, for a card with other text (scripts/bundle_emoji32.py); `push_to_hub` creates
-the repo and uploads the folder without training state. Neither touches the weights.
+the repo and uploads the folder without training state. Neither touches the weights. `offline_if_unreachable` makes
+a Hub id load from the caches at once when the Hub's host does not resolve (no network), instead of 30 s of retries.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import logging
+import os
 import re
 import shlex
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,51 @@ NOT_IN_COMMAND = ("resume_from_checkpoint", "cache_max_gb")
 TABLE_FIELDS = ("dataset", "split", "image_size", "channels", "batch_size", "grad_accumulation_steps", "lr",
                 "lr_scheduler", "lr_warmup_steps", "num_epochs", "max_steps", "adam_weight_decay", "max_grad_norm",
                 "use_ema", "ema_max_decay", "mixed_precision", "seed", "preset", "class_column", "cond_drop_prob")
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here, when that is known at once: its host name does not
+    resolve (no network). None otherwise: reachable, offline mode already set, or a proxy that resolves names itself
+    (the download then says what went wrong)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"{host} does not resolve: {err.strerror}"
+    except OSError:  # anything else: let the download try
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def offline_if_unreachable():
+    """Yields why the Hub cannot be reached (None when it can). While it cannot, huggingface_hub, diffusers and
+    datasets read their caches only, as with HF_HUB_OFFLINE=1: a cached model or dataset loads, a missing one fails
+    at once (online, a missing network costs 30 s of retries and a flood of warnings first)."""
+    why = hub_unreachable()
+    if why is None:
+        yield None
+        return
+    import huggingface_hub.constants as hub_constants
+
+    patched = [(hub_constants, "HF_HUB_OFFLINE")]
+    with contextlib.suppress(ImportError):  # datasets reads its own copy (diffusers goes through huggingface_hub's)
+        import datasets.config
+
+        patched += [(datasets.config, name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
+    saved = [(module, name, getattr(module, name)) for module, name in patched]
+    try:
+        for module, name in patched:
+            setattr(module, name, True)
+        yield why
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _as_config(config: TrainConfig | dict) -> TrainConfig:

@@ -5,21 +5,25 @@ folder: the UNet and the scheduler config are read explicitly and wrapped in a `
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from ddpmkit import runs
+from ddpmkit import hub, runs
 from ddpmkit.config import DEFAULT_MODEL
 from ddpmkit.data import slug
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
+# diffusers 0.42 passes huggingface_hub an argument it deprecated; the warning is for diffusers, not for our users
+warnings.filterwarnings("ignore", message=r"The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 # Block layouts. Every preset halves the resolution len(block_out_channels) - 1 times.
 PRESETS: dict[str, dict] = {
@@ -246,13 +250,17 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
     else:
         source, local = name, False
     try:
-        unet = UNet2DModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
-        scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler")
-        scheduler = DDPMScheduler.from_config(scheduler_config)
+        with contextlib.nullcontext() if local else hub.offline_if_unreachable() as unreachable:
+            unet = UNet2DModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
+            scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler")
+            scheduler = DDPMScheduler.from_config(scheduler_config)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         if local:
             raise UserError(f"could not load the pipeline in {name}: {first[:200]}") from None
+        if unreachable:
+            raise UserError(f"{name!r} is not in the Hugging Face cache and the Hub cannot be reached ({unreachable}):"
+                            " connect to the network and run again, or use a local folder (a saved pipeline)") from None
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise UserError(f"{name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
                             "with network access, or use a local folder (a saved pipeline)") from None

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ddpmkit.data.decode import IMAGE_EXTENSIONS
 from ddpmkit.data.store import ImageData, ItemSource, default_cache_max_gb, read_images
+from ddpmkit import hub
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def _open_hf_dataset(source: str, split: str):
     import datasets
 
     path = Path(source)
+    unreachable = None  # why the Hub cannot be reached, for a Hub id when it cannot
     try:
         if path.is_dir() and _is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
@@ -134,15 +136,19 @@ def _open_hf_dataset(source: str, split: str):
                                 "folder, or a .parquet/.arrow file")
             ds = datasets.load_dataset("parquet", data_files=files, split="train")
         else:
-            ds = datasets.load_dataset(source, split=split)
+            with hub.offline_if_unreachable() as unreachable:
+                ds = datasets.load_dataset(source, split=split)
     except UserError:
         raise
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+    except Exception as err:  # datasets raises its own DatasetNotFoundError etc. besides OSError, ValueError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not load dataset {source!r} ({first}); give a local image folder, a save_to_disk "
-                        "folder, a .parquet file, or a Hub id with network access") from None
-    except Exception as err:  # datasets raises its own DatasetNotFoundError etc.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if unreachable:
+            raise UserError(f"dataset {source!r} is not in the Hugging Face cache and the Hub cannot be reached "
+                            f"({unreachable}): connect to the network and run again, or give a local image folder, "
+                            "a save_to_disk folder or a .parquet file") from None
+        if isinstance(err, (FileNotFoundError, ConnectionError, OSError, ValueError)):
+            raise UserError(f"could not load dataset {source!r} ({first}); give a local image folder, a "
+                            "save_to_disk folder, a .parquet file, or a Hub id with network access") from None
         raise UserError(f"could not load dataset {source!r} ({first}); check the name, or use a local folder") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
