@@ -329,9 +329,11 @@ def _files(folder: Path) -> set[str]:
 
 @pytest.fixture
 def online(monkeypatch):
+    """Online mode with the Hub's host name resolving (the Hub's API calls themselves are replaced by each test)."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
 
 
 def test_push_without_token_is_one_line_and_keeps_the_folder(run_folder, online, monkeypatch, tmp_path):
@@ -348,21 +350,25 @@ def test_push_without_token_is_one_line_and_keeps_the_folder(run_folder, online,
     assert _files(run_folder) == before
 
 
-def test_push_offline_or_without_network_is_one_line(run_folder, monkeypatch):
+def test_push_offline_or_without_network_is_one_line(run_folder, monkeypatch, no_network):
     from huggingface_hub import HfApi, constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
         hub.push_to_hub(run_folder, "me/model", token="hf_x")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(UserError, match=r"cannot push to the Hub: it cannot be reached \(huggingface.co does not "
+                       r"resolve: Name or service not known\); the pipeline is kept in"):
+        hub.push_to_hub(run_folder, "me/model", token="hf_x")
 
-    def unreachable(self, *args, **kwargs):
+    def unreachable(self, *args, **kwargs):  # the name resolves but the connection fails
         import httpx2
 
-        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+        raise httpx2.ConnectError("[Errno 101] Network is unreachable")
 
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
     monkeypatch.setattr(HfApi, "create_repo", unreachable)
-    with pytest.raises(UserError, match=r"could not push to me/model \(\[Errno -3\] Temporary failure"):
+    with pytest.raises(UserError, match=r"could not push to me/model \(\[Errno 101\] Network is unreachable"):
         hub.push_to_hub(run_folder, "me/model", token="hf_x")
     assert (run_folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
 

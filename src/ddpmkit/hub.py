@@ -273,6 +273,8 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
     kept = f"the pipeline is kept in {folder}; upload it later with: hf upload {repo_id} {folder}"
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"cannot push to the Hub while HF_HUB_OFFLINE is set; {kept}")
+    if unreachable := hub_unreachable():
+        raise UserError(f"cannot push to the Hub: it cannot be reached ({unreachable}); {kept}")
     token = token or get_token()
     if not token:
         raise UserError(f"no Hugging Face token to push with: run 'hf auth login' or set HF_TOKEN; {kept}")
