@@ -212,6 +212,15 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         # sample: output
         "out not an image": (["sample", "--model", w / "plain", "--out", w / "samples.txt"], "--out"),
         "out is a folder": (["sample", "--model", w / "plain", "--out", w / "images.png"], "is a folder"),
+        # each output is checked before the work that writes it (a path under a file cannot be made)
+        "out under a file": ([*sample("plain")[:-1], w / "a_file/s.png"], "cannot write to --out"),
+        "eval out under a file": (["eval", "--images", w / "images", "--dataset", w / "images", "--out",
+                                   w / "a_file/r.json"], "cannot write to --out"),
+        "nearest grid under a file": (["eval", "--images", w / "images", "--dataset", w / "images", "--nearest", 2,
+                                       "--nearest_grid", w / "a_file/n.png"], "cannot write to --nearest_grid"),
+        "ema out under a file": (["ema", w / "plain", "--sigma_rel", 0.1, "--out", w / "a_file/e"],
+                                 "cannot write to --out"),
+        "schedule out under a file": (["schedule", "--out", w / "a_file/p.png"], "cannot write to --out"),
         # schedule, schedulers, the command itself
         "schedule out not an image": (["schedule", "--out", w / "plot.pdf"], "--out"),
         "schedule model missing": (["schedule", "--model", w / "no_model", "--out", w / "p.png"], "does not exist"),

@@ -362,16 +362,18 @@ def read_phema_tensors(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- files that are complete or absent
-def check_writable(folder: Path) -> None:
-    """Create `folder` and write a file in it, or raise UserError saying what is wrong."""
+def check_writable(folder: Path, flag: str = "--output_dir", given: str | os.PathLike | None = None) -> None:
+    """Create `folder` and write a file in it, or raise UserError saying what is wrong: checked before the work that
+    writes there (training, sampling, an evaluation), so that a path that cannot be written loses nothing. `given` is
+    what the user gave `flag` (a file inside `folder`, say), `folder` itself by default."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test_{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"cannot write to --output_dir {folder} ({err.strerror or err}): choose a folder you can "
-                        "write to") from None
+        raise UserError(f"cannot write to {flag} {folder if given is None else given} ({err.strerror or err}): choose "
+                        "a folder you can write to") from None
 
 
 def save_error_advice(error: Exception) -> tuple[str, str]:

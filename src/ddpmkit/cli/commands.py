@@ -35,7 +35,15 @@ def _check_out(out: str) -> Path:
         raise UserError(f"--out {out} must end in one of {', '.join(IMAGE_SUFFIXES)}")
     if path.is_dir():
         raise UserError(f"--out {out} is a folder: give a file name such as {out}/samples.png")
+    _check_writable(out)
     return path
+
+
+def _check_writable(out: str, flag: str = "--out") -> None:
+    """The folder of the file `out` exists (it is made) and can be written, before the work that writes it."""
+    from ddpmkit.runs import check_writable
+
+    check_writable(Path(out).expanduser().parent, flag, given=out)
 
 
 def parse_compare(spec: str) -> list[tuple[str, int | None]]:
@@ -145,6 +153,8 @@ def cmd_eval(args) -> int:
     _at_least(args, 1, "steps", "batch_size")
     if args.out and not args.out.endswith(".json"):
         raise UserError(f"--out {args.out} must end in .json")
+    if args.out:
+        _check_writable(args.out)
     if args.sigma_rel is not None and args.model is None:
         raise UserError("--sigma_rel needs --model RUN: the folder of a run trained with --posthoc_ema")
     if args.model is None and args.images is None and args.vs_dataset is None:
@@ -192,12 +202,14 @@ def _nearest_options(args) -> dict:
                                  else "nearest.png")
     if Path(grid).suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(f"--nearest_grid {grid} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    _check_writable(grid, "--nearest_grid" if args.nearest_grid else "--out")
     return {"nearest": args.nearest, "nearest_grid": grid}
 
 
 def cmd_ema(args) -> int:
     from ddpmkit.phema import describe, save_ema_pipeline
 
+    _check_writable(args.out)  # the folder it is made in
     path, info = save_ema_pipeline(args.run, args.sigma_rel, args.out, step=args.step)
     logging.getLogger("ddpmkit").info("wrote %s: %s; sample it with: ddpmkit sample --model %s", path,
                                       describe(info), path)
