@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddpmkit import hub
 from ddpmkit.data.decode import IMAGE_EXTENSIONS
 from ddpmkit.data.store import ImageData, ItemSource, default_cache_max_gb, read_images
-from ddpmkit import hub
 from ddpmkit.errors import UserError
 
 logger = logging.getLogger(__name__)
