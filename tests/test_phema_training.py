@@ -202,6 +202,20 @@ def test_ddpmkit_ema_writes_a_pipeline_plain_diffusers_loads_and_samples(trained
     assert runs.read_meta(out)["posthoc_ema"]["snapshot_steps"] == [4, 8, 12]
 
 
+def test_ddpmkit_ema_does_not_replace_a_pipeline_it_did_not_make(trained, tmp_path, capsys):
+    """--out on another model's folder (a typo, a tab-completed name) is refused before the reconstruction; that
+    folder stays as it was (it was replaced, silently)."""
+    from conftest import save_plain_pipeline
+
+    run, _ = trained
+    other = save_plain_pipeline(tmp_path / "other")
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    assert main(["-q", "ema", str(run), "--sigma_rel", "0.07", "--out", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a pipeline that 'ddpmkit ema' did not make" in err, err
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
 class PixelFeatures:
     """A cheap stand-in for the Inception: a fixed random projection of the pixels."""
 

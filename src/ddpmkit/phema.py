@@ -258,11 +258,9 @@ def save_ema_pipeline(run: str | os.PathLike, sigma_rel: float, out: str | os.Pa
     from ddpmkit.hub import model_card_text, save_card
 
     out = Path(out)
+    _check_ema_out(out, run)  # before the reconstruction: a wrong --out costs nothing
     pipe, info = ema_pipeline(run, sigma_rel, step)
-    if out.exists() and out.resolve() in (Path(run).resolve(), Path(info["run"]).resolve()):
-        raise UserError(f"--out {out} is the run folder: give a new folder for the EMA pipeline")
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists()):
-        raise UserError(f"--out {out} exists and is not a pipeline folder: give a new folder")
+    _check_ema_out(out, info["run"])
     train_config = info["train_config"]
     losses = [r for r in runs.LossLog(info["run"]).finite() if r["step"] <= info["step"]]
 
@@ -278,6 +276,19 @@ def save_ema_pipeline(run: str | os.PathLike, sigma_rel: float, out: str | os.Pa
         save_card(staged, model_card_text(out, train_config, losses=losses, staged=staged) + "\n".join(section))
 
     return runs.save_staged(out, write), info
+
+
+def _check_ema_out(out: Path, run: str | os.PathLike) -> None:
+    """`out` is new, empty, or a pipeline `ddpmkit ema` made (made again: replaced); anything else would be lost."""
+    if not out.exists():
+        return
+    if out.resolve() == Path(run).resolve():
+        raise UserError(f"--out {out} is the run folder: give a new folder for the EMA pipeline")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").exists()):
+        raise UserError(f"--out {out} exists and is not a pipeline folder: give a new folder")
+    if (out / "model_index.json").exists() and "posthoc_ema" not in runs.read_meta(out):
+        raise UserError(f"--out {out} holds a pipeline that 'ddpmkit ema' did not make, which would be replaced: give "
+                        "a new folder (or delete that one first)")
 
 
 # ---------------------------------------------------------------------------- choosing the length by FID
