@@ -296,3 +296,30 @@ def test_step_callback_sees_every_optimizer_step_with_its_loss_still_on_the_devi
     assert [info["loss"].item() for info in seen] == [r["loss"] for r in runs.read_loss_log(path)]
     assert [info["images_seen"] for info in seen] == [4, 8, 12]  # two micro-batches of 2 per step
     assert 0 < seen[0]["seconds"] < seen[1]["seconds"] < seen[2]["seconds"]
+
+
+def test_a_stop_signal_during_the_final_save_waits_for_the_pipeline(tmp_path, monkeypatch, caplog):
+    """Ctrl-C (or SIGTERM) while the final pipeline's sample grid is made: the pipeline is saved whole, then the
+    run ends as done (the signal handlers were gone after the last step: the run was lost in .tmp_pipeline)."""
+    import logging
+    import os
+    import signal
+
+    from ddpmkit import train_saving
+
+    original = train_saving.sample_grid
+
+    def interrupted_grid(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_saving, "sample_grid", interrupted_grid)
+    config = TrainConfig(preset="micro", image_size=8, batch_size=4, max_steps=2, device="cpu", seed=0,
+                         num_sample_images=2, sample_steps=2, output_dir=str(tmp_path / "run")).validate()
+    data = ImageData(torch.randint(0, 256, (8, 3, 8, 8), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8))
+    with caplog.at_level(logging.INFO, logger="ddpmkit"):
+        path = train(config, data=data)
+    assert (path / "model_index.json").exists() and (path / "samples.png").exists()
+    assert not list(path.glob(".tmp*")) and runs.read_meta(path)["step"] == 2
+    assert "SIGINT came after the last step: the final pipeline was saved first" in caplog.text

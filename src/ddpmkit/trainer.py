@@ -163,27 +163,32 @@ class Trainer(SaveAndResume):
         acc = self.accelerator
         self.start()
         batches = iter(self.batches)
-        with _stop_on_signals(self), self.progress:
-            while self.global_step < self.total_steps:
-                batch = next(batches)
-                self.run_step(batch)
-                self.images_seen += batch["images"].shape[0] * acc.num_processes
-                if not acc.sync_gradients:  # more micro-batches to go in this step (--grad_accumulation_steps)
-                    continue
-                self.global_step += 1
-                loss, stop = self.log_step()
-                for hook in self.hooks:
-                    hook.after_step(self)
-                self.save_due()
-                if self.callback is not None:
-                    self.callback({"step": self.global_step, "loss": loss, "images_seen": self.images_seen,
-                                   "seconds": time.perf_counter() - self.started})
-                if stop and self.global_step < self.total_steps:
-                    self.stop(stop)
-        acc.wait_for_everyone()
-        final = self.save(self.pipeline_dir)
-        for hook in self.hooks:
-            hook.finish(self)
+        with _stop_on_signals(self):
+            with self.progress:
+                while self.global_step < self.total_steps:
+                    batch = next(batches)
+                    self.run_step(batch)
+                    self.images_seen += batch["images"].shape[0] * acc.num_processes
+                    if not acc.sync_gradients:  # more micro-batches to go in this step (--grad_accumulation_steps)
+                        continue
+                    self.global_step += 1
+                    loss, stop = self.log_step()
+                    for hook in self.hooks:
+                        hook.after_step(self)
+                    self.save_due()
+                    if self.callback is not None:
+                        self.callback({"step": self.global_step, "loss": loss, "images_seen": self.images_seen,
+                                       "seconds": time.perf_counter() - self.started})
+                    if stop and self.global_step < self.total_steps:
+                        self.stop(stop)
+            # the last step is done: a stop signal now waits for the final pipeline (its sample grid takes a while)
+            acc.wait_for_everyone()
+            final = self.save(self.pipeline_dir)
+            for hook in self.hooks:
+                hook.finish(self)
+            if self.stop_signal:
+                logger.info("%s came after the last step: the final pipeline was saved first",
+                            signal.Signals(self.stop_signal).name)
         self.finish()
         return final
 
