@@ -160,6 +160,8 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         # train: output and checkpoints (the output folder is checked before the data: this dataset does not exist)
         "output folder under a file": (with_("--dataset", w / "no/such/folder", "--output_dir", w / "a_file/run"),
                                        "cannot write to --output_dir"),
+        "new run over an earlier run's checkpoints": (with_("--output_dir", w / "old_run"),
+                                                      "holds the checkpoints of an earlier run (the latest: step_0000004)"),
         "not a checkpoint": (with_("--resume_from_checkpoint", w / "images"), "not a ddpmkit checkpoint"),
         "incomplete checkpoint": (with_("--resume_from_checkpoint", w / "ckpt/.tmp_step_0000004"),
                                   "incomplete checkpoint"),
@@ -281,6 +283,8 @@ def error_inputs(workdir) -> Path:
     (w / "images.png").mkdir(exist_ok=True)
     (w / "ckpt" / ".tmp_step_0000004").mkdir(parents=True, exist_ok=True)
     (w / "ckpt" / ".tmp_step_0000004" / "model.safetensors").write_bytes(b"")
+    (w / "old_run" / "checkpoints" / "step_0000004").mkdir(parents=True, exist_ok=True)  # an earlier run's checkpoint
+    (w / "old_run" / "checkpoints" / "step_0000004" / runs.CHECKPOINT_MARKER).write_text('{"global_step": 4}')
     datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 2, "label": [0, 1]},
                                features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
                                ).to_parquet(str(w / "data.parquet"))

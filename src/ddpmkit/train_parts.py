@@ -34,13 +34,19 @@ logger = logging.getLogger(__name__)
 
 def check_before_loading(config: TrainConfig, output_dir: Path, pipeline_dir: Path) -> None:
     """The mistakes that fail before the data is read or the model built: an unwritable folder, a UNet config
-    that does not fit the size, a --resume_from_checkpoint folder that is not a complete checkpoint."""
+    that does not fit the size, a --resume_from_checkpoint folder that is not a complete checkpoint, a new run in a
+    folder holding another run's checkpoints."""
     runs.check_writable(output_dir)
     if not config.init_from:
         check_unet_config(unet_config_for(config.preset, config.unet_config), config.image_size,
                           f"--unet_config {config.unet_config}" if config.unet_config else "the UNet config")
     if config.resume_from_checkpoint not in (None, "latest"):
         runs.checkpoint_to_resume(output_dir, config.resume_from_checkpoint, pipeline_dir)
+    earlier = runs.complete_checkpoints(runs.checkpoints_dir(output_dir))
+    if config.resume_from_checkpoint is None and earlier:  # a new run there would mix with them ('latest' later)
+        raise UserError(f"{output_dir} holds the checkpoints of an earlier run (the latest: {earlier[-1].name}): "
+                        "continue it with --resume_from_checkpoint latest, or give a new --output_dir (or delete "
+                        f"{runs.checkpoints_dir(output_dir)} to start over there)")
 
 
 def make_accelerator(config: TrainConfig, output_dir: Path):
