@@ -323,3 +323,16 @@ def test_a_stop_signal_during_the_final_save_waits_for_the_pipeline(tmp_path, mo
     assert (path / "model_index.json").exists() and (path / "samples.png").exists()
     assert not list(path.glob(".tmp*")) and runs.read_meta(path)["step"] == 2
     assert "SIGINT came after the last step: the final pipeline was saved first" in caplog.text
+
+
+def test_resuming_from_a_checkpoint_of_another_model_is_one_line(tmp_path):
+    """A checkpoint of another run (another preset) named by --resume_from_checkpoint: one line saying what to do
+    (it was a RuntimeError traceback from load_state_dict)."""
+    from ddpmkit.errors import UserError
+
+    train(_config(tmp_path, "micro", max_steps=2, checkpointing_steps=1), data=_data())
+    checkpoint = runs.checkpoints_dir(tmp_path / "micro") / "step_0000001"
+    other = _config(tmp_path, "other", preset="tiny", resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(UserError, match=r"does not fit the model these flags build \(its UNet's layers or sizes "
+                                        r"differ\): resume with the flags of the run that saved it"):
+        train(other, data=_data())

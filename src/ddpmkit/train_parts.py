@@ -311,7 +311,13 @@ def write_checkpoint(accelerator, final: Path, process_state: dict, step: int, k
 def read_checkpoint(accelerator, path: Path) -> tuple[int, dict | None]:
     """Load accelerate's state from a checkpoint: (its step, this process's own state), or (step, None) when another
     number of processes wrote it (another sharding: the same sequence cannot continue)."""
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, KeyError) as err:  # another UNet, optimizer or EMA than this run's flags build
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        why = "its UNet's layers or sizes differ" if "state_dict" in first else first[:160]
+        raise UserError(f"{path} does not fit the model these flags build ({why}): resume with the flags of "
+                        "the run that saved it (its train_config.json), or start a new run") from None
     marker = runs.read_checkpoint_marker(path)
     own = runs.process_state_file(path, accelerator.process_index)
     if marker.get("num_processes", 1) == accelerator.num_processes and own.exists():
