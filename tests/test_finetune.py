@@ -183,6 +183,28 @@ def test_failed_push_after_training_exits_2_and_keeps_the_pipeline(tmp_path, cap
     assert DDPMPipeline.from_pretrained(tmp_path / "run" / "finetuned").unet.config.sample_size == 8
 
 
+def test_wandb_without_a_key_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """The course's --wandb_project dm_finetune on a machine never logged in to W&B: one line saying to log in or
+    go offline, before any step (it was wandb's UsageError traceback once training had set up)."""
+    import wandb
+    from wandb.errors import UsageError
+
+    def not_logged_in(*args, **kwargs):
+        raise UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "login", not_logged_in)
+    base = save_plain_pipeline(tmp_path / "base")
+    images = write_uniform_images(tmp_path / "flat", n=2)
+    code = main(["-q", "finetune", "--start_model", str(base), "--dataset", str(images), "--image_size", "8",
+                 "--batch_size", "2", "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+                 "--wandb_project", "dm_finetune"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--wandb_project: W&B has no usable API key (No API key configured." in err and "WANDB_MODE=offline" in err
+    assert not runs.loss_log_path(tmp_path / "run").exists()
+
+
 def test_course_command_parses_with_the_course_values():
     args = build_parser().parse_args(COURSE_COMMAND)
     config = config_from_args(TrainConfig, args)

@@ -84,9 +84,16 @@ def _trackers(config: TrainConfig) -> list[str]:
     if not config.wandb_project:
         return ["tensorboard"]
     try:
-        import wandb  # noqa: F401
+        import wandb
     except ImportError:
         raise UserError("--wandb_project needs the wandb package: pip install wandb") from None
+    if os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+        try:  # the key is found (environment, ~/.netrc, wandb's settings) and well-formed; no network (verify=False)
+            wandb.login(verify=False)
+        except Exception as err:  # noqa: BLE001 - wandb's UsageError (no key), AuthenticationError (a malformed one)
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise UserError(f"--wandb_project: W&B has no usable API key ({first[:120]}): run 'wandb login', or set "
+                            "WANDB_MODE=offline to log in the run folder and sync later") from None
     return ["tensorboard", "wandb"]
 
 
