@@ -289,6 +289,24 @@ def test_custom_losses_scalar_or_per_image(tmp_path, monkeypatch):
     sys.modules.pop("mylosses", None)
 
 
+@pytest.mark.parametrize("fn, says", [
+    (lambda x, y: x.mean(), "failed (TypeError: "),  # another signature
+    (lambda x: x[:, 9].mean(), "failed (IndexError: "),  # a bug inside
+    (lambda x: x.detach().mean(), "returned a value without a gradient"),
+    (lambda x: x.mean().item(), "returned a value without a gradient"),
+    (lambda x: x.detach().numpy().mean(), "returned a value without a gradient"),
+    (lambda x: "low", "returned a str"),
+])
+def test_a_custom_loss_that_cannot_guide_is_one_line_at_its_first_call(fn, says):
+    """The user's function fails, or gives no gradient to follow: one line saying what it must be (it was a
+    traceback from inside the function, or autograd's 'element 0 of tensors does not require grad')."""
+    x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with pytest.raises(UserError) as err:
+        CustomLoss(fn)(x0)
+    assert says in str(err.value) and "must take one tensor x0 (B, C, H, W)" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- parsing: colours and --guide
 def test_parse_color_and_guide_specs():
     assert parse_color("#55FFAA") == pytest.approx((0x55 / 255, 1.0, 0xAA / 255))

@@ -167,8 +167,11 @@ class CustomLoss:
         self._per_image: bool | None = None  # learnt on the first call: does fn already return one value per image?
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        if self._per_image is not False:
+        if self._per_image is None:  # the first call: a mistake in the function is one line, at the first step
+            value = self._first_call(x0)
+        elif self._per_image:
             value = torch.as_tensor(self.fn(x0))
+        if self._per_image is not False:
             if value.ndim == 1 and value.shape[0] == x0.shape[0]:
                 self._per_image = True
                 return value
@@ -179,6 +182,18 @@ class CustomLoss:
             if x0.shape[0] == 1:
                 return value.reshape(1)
         return torch.stack([torch.as_tensor(self.fn(x0[i:i + 1])).reshape(()) for i in range(x0.shape[0])])
+
+    def _first_call(self, x0: torch.Tensor) -> torch.Tensor:
+        how = "it must take one tensor x0 (B, C, H, W) in [-1, 1] and return a torch tensor computed from it"
+        try:
+            value = self.fn(x0)
+        except Exception as err:  # noqa: BLE001 - the user's function: any mistake in it
+            raise UserError(f"custom loss {self.name} failed ({type(err).__name__}: {str(err)[:120]}): {how}") from None
+        if not torch.is_tensor(value) or (x0.requires_grad and not value.requires_grad):
+            what = "a value without a gradient (detached, .item() or numpy)" if torch.is_tensor(value) or \
+                hasattr(value, "__array__") or isinstance(value, (int, float)) else f"a {type(value).__name__}"
+            raise UserError(f"custom loss {self.name} returned {what}: {how}, with torch operations only")
+        return value
 
 
 class ClipLoss:
