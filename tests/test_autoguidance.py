@@ -114,8 +114,9 @@ def test_a_guide_of_another_kind_is_one_clear_line(pipes, tmp_path):
     classes = tmp_path / "classes"
     DDPMPipeline(unet=make_micro_unet(8, num_class_embeds=3), scheduler=DDPMScheduler(
         beta_schedule="squaredcos_cap_v2")).save_pretrained(classes)
-    for guide, words in ((other_size, "image size 16 vs 8"), (other_schedule, "another noise schedule"),
-                         (other_prediction, "prediction type v_prediction vs epsilon"), (classes, "classes 3 vs None")):
+    for guide, words in ((other_size, "image size 16 (the guide) vs 8"), (other_schedule, "another noise schedule"),
+                         (other_prediction, "prediction type v_prediction (the guide) vs epsilon"),
+                         (classes, "classes 3 class embeddings (the guide) vs unconditional")):
         with pytest.raises(UserError) as err:
             sample(pipes["main"], scheduler="ddim", steps=2, num_images=1, progress=False, autoguide=guide)
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
@@ -127,6 +128,9 @@ def test_a_guide_of_another_kind_is_one_clear_line(pipes, tmp_path):
     (dict(autoguide="self", guidance_interval="5,1"), "LO,HI with 0 <= LO < HI"),
     (dict(autoguide="self", guidance_interval="x:1,2"), "LO,HI"),
     (dict(autoguide="self", autoguide_scale=-1.0), "--autoguide_scale must be"),
+    (dict(autoguide="self", autoguide_scale=float("nan")), "--autoguide_scale must be"),
+    (dict(cfg_scale=float("nan")), r"--cfg_scale must be a finite number \(got nan\)"),
+    (dict(cfg_scale=float("inf")), r"--cfg_scale must be a finite number \(got inf\)"),
 ])
 def test_guidance_mistakes_are_one_line(pipes, kwargs, words):
     if kwargs.get("autoguide") == "self":
@@ -145,6 +149,22 @@ def test_cli_autoguide_with_an_interval(pipes, tmp_path, capsys):
                  str(tmp_path / "missing"), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("ddpmkit: error:"), err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--autoguide", "none", "--autoguide_scale", "3"], "--autoguide_scale applies to autoguidance, which --autoguide "
+                                                        "none turns off"),
+    (["--autoguide_scale", "-2"], "--autoguide_scale must be a number >= 0 (got -2.0)"),
+    (["--cfg_scale", "nan", "--class_label", "1"], "--cfg_scale must be a finite number (got nan)"),
+])
+def test_cli_guidance_values_are_checked_before_the_default_guidance_is_announced(tmp_path, capsys, argv, words):
+    """On emoji32 (which has a default guidance) a bad value is the one line, not after the default's INFO line; a
+    scale with guidance off is refused (it was ignored), NaN CFG too (it drew black images)."""
+    code = main(["sample", "--model", "emoji32", "--steps", "2", "--num_images", "2", *argv,
+                 "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_sampling_goes_to_the_gpu_by_default_when_there_is_one(monkeypatch):

@@ -83,6 +83,12 @@ def model_guidance(model, cfg_scale: float | None = None, autoguide=None, autogu
     that stores a default guidance (`models.default_guidance`, e.g. the bundled emoji32) gets it; `autoguide="none"`
     turns it off. What `ddpmkit sample`, `ddpmkit eval` and the web app use; `sample()` does only what it is told."""
     off = isinstance(autoguide, str) and autoguide.strip().lower() == NO_GUIDE
+    if autoguide_scale is not None and not (math.isfinite(autoguide_scale) and autoguide_scale >= 0):
+        raise UserError(f"--autoguide_scale must be a number >= 0 (got {autoguide_scale})")
+    if off and autoguide_scale is not None:
+        raise UserError("--autoguide_scale applies to autoguidance, which --autoguide none turns off: drop one of them")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise UserError(f"--cfg_scale must be a finite number (got {cfg_scale})")
     asked = dict(autoguide=None if off else autoguide, guidance_interval=guidance_interval,
                  autoguide_scale=2.0 if autoguide_scale is None else autoguide_scale)
     if off or autoguide is not None or guidance_interval is not None or cfg_scale is not None or \
@@ -104,6 +110,8 @@ def load_guide(pipe, autoguide, autoguide_scale: float, cfg_scale: float, interv
     """The autoguidance guide's UNet on `device` (None without one), checked against the model it guides."""
     if not math.isfinite(autoguide_scale) or autoguide_scale < 0:
         raise UserError(f"--autoguide_scale must be a number >= 0 (got {autoguide_scale})")
+    if not math.isfinite(cfg_scale):
+        raise UserError(f"--cfg_scale must be a finite number (got {cfg_scale})")
     if autoguide is None:
         if interval is not None and cfg_scale == 1.0:
             raise UserError("--guidance_interval applies to --cfg_scale or --autoguide: give one of them")
@@ -119,17 +127,20 @@ def load_guide(pipe, autoguide, autoguide_scale: float, cfg_scale: float, interv
 def check_guide(pipe, guide) -> None:
     """Autoguidance needs a guide of the same kind: size, channels, classes, prediction type and noise schedule."""
     mine, theirs = pipe.unet.config, guide.unet.config
+    def classes(config) -> str:  # num_class_embeds counts the null class of CFG training
+        return f"{config.num_class_embeds} class embeddings" if config.num_class_embeds else "unconditional"
+
     checks = [("image size", mine.sample_size, theirs.sample_size),
               ("channels", (mine.in_channels, mine.out_channels), (theirs.in_channels, theirs.out_channels)),
-              ("classes", mine.num_class_embeds, theirs.num_class_embeds),
+              ("classes", classes(mine), classes(theirs)),
               ("prediction type", pipe.scheduler.config.prediction_type, guide.scheduler.config.prediction_type),
               ("training timesteps", pipe.scheduler.config.num_train_timesteps,
                guide.scheduler.config.num_train_timesteps)]
     for what, a, b in checks:
         if a != b:
-            raise UserError(f"the --autoguide model does not match the model: {what} {b} vs {a} (a guide must be "
-                            "a weaker model of the same kind: an earlier checkpoint of the same run, or a smaller "
-                            "model trained the same way)")
+            raise UserError(f"the --autoguide model does not match the model: {what} {b} (the guide) vs {a} (a "
+                            "guide must be a weaker model of the same kind: an earlier checkpoint of the same run, or "
+                            "a smaller model trained the same way)")
     if not torch.allclose(pipe.scheduler.alphas_cumprod.double(), guide.scheduler.alphas_cumprod.double()):
         raise UserError("the --autoguide model does not match the model: another noise schedule (a guide must be "
                         "trained with the same beta_schedule)")
