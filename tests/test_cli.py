@@ -223,6 +223,11 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         "ema out under a file": (["ema", w / "plain", "--sigma_rel", 0.1, "--out", w / "a_file/e"],
                                  "cannot write to --out"),
         "schedule out under a file": (["schedule", "--out", w / "a_file/p.png"], "cannot write to --out"),
+        # eval: numbers (a negative size was a RuntimeError traceback, 0 was read as the default)
+        "eval image size negative": (["eval", "--images", w / "images", "--dataset", w / "images", "--image_size", -8],
+                                     "--image_size must be at least 2 (got -8)"),
+        "eval image size 0": (["eval", "--images", w / "images", "--dataset", w / "images", "--image_size", 0],
+                              "--image_size must be at least 2 (got 0)"),
         # schedule, schedulers, the command itself
         "schedule out not an image": (["schedule", "--out", w / "plot.pdf"], "--out"),
         "schedule model missing": (["schedule", "--model", w / "no_model", "--out", w / "p.png"], "does not exist"),

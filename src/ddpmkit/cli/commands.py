@@ -151,6 +151,7 @@ def cmd_eval(args) -> int:
     from ddpmkit.sampling import SamplerSettings
 
     _at_least(args, 1, "steps", "batch_size")
+    _at_least(args, 2, "image_size", "num_images")  # FID needs a covariance; 0 is not read as "not given"
     if args.out and not args.out.endswith(".json"):
         raise UserError(f"--out {args.out} must end in .json")
     if args.out:
