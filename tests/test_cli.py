@@ -133,6 +133,8 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
                                              "no column 'nosuch'"),
         "label column that does not exist": (with_("--dataset", w / "data.parquet", "--class_column", "nosuch"),
                                              "no label column 'nosuch'"),
+        "classes from a folder with images outside class sub-folders": (
+            with_("--class_column", "label"), "8 image(s) at the top of"),
         "cache cap 0": (with_("--cache_max_gb", 0), "--cache_max_gb must be a positive number"),
         # train: model and numbers
         "image size the UNet cannot take": (with_("--image_size", 9), "--image_size 9"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -349,3 +350,19 @@ def test_cache_cap_decodes_from_disk_and_gives_the_same_batches(image_folder, ca
     weights = "unet/diffusion_pytorch_model.safetensors"
     expected, got = load_file(str(plain / weights)), load_file(str(small / weights))
     assert all(torch.equal(expected[k], got[k]) for k in expected), "same images, same order: same weights"
+
+
+@pytest.mark.parametrize("layout, says", [
+    ({"": 3}, "has no class sub-folders: put each class's images in a sub-folder named after it"),
+    ({"cats": 3}, "has one class (cats): class conditioning needs at least 2 sub-folders"),
+    ({"": 1, "cats": 2, "dogs": 2}, "1 image(s) at the top of"),
+])
+def test_class_column_on_an_image_folder_needs_class_sub_folders(tmp_path, layout, says):
+    """--class_column on a folder: classes are its sub-folders (ImageFolder's layout); a flat folder trained a
+    'class-conditioned' model with one class named '' before."""
+    from conftest import write_images
+
+    for sub, n in layout.items():
+        write_images(tmp_path / "data" / sub if sub else tmp_path / "data", n=n, size=8)
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_image_data(str(tmp_path / "data"), 8, 3, label_column="label")

@@ -296,4 +296,13 @@ def _folder_labels(root: Path, files: list[Path]) -> tuple[list[int], list[str]]
     """Class labels of an image folder: the name of each file's first sub-folder (ImageFolder's layout)."""
     names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in files]
     class_names = sorted(set(names))
+    fix = "put each class's images in a sub-folder named after it, or drop --class_column"
+    if class_names == [""]:
+        raise UserError(f"--class_column: the image folder {root} has no class sub-folders: {fix}")
+    if "" in class_names:
+        raise UserError(f"--class_column: {names.count('')} image(s) at the top of {root} belong to no class "
+                        f"sub-folder: {fix}")
+    if len(class_names) < 2:
+        raise UserError(f"--class_column: the image folder {root} has one class ({class_names[0]}): class "
+                        "conditioning needs at least 2 sub-folders; drop --class_column to train unconditionally")
     return [class_names.index(n) for n in names], class_names
