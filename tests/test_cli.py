@@ -135,6 +135,7 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
                                              "no label column 'nosuch'"),
         "classes from a folder with images outside class sub-folders": (
             with_("--class_column", "label"), "8 image(s) at the top of"),
+        "cache folder under a file": (with_("--cache_dir", w / "a_file/cache"), "cannot write to --cache_dir"),
         "cache cap 0": (with_("--cache_max_gb", 0), "--cache_max_gb must be a positive number"),
         # train: model and numbers
         "image size the UNet cannot take": (with_("--image_size", 9), "--image_size 9"),

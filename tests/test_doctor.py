@@ -165,13 +165,17 @@ def test_doctor_command_before_training_and_on_a_run(runs_made, tmp_path, capsys
     (["EMPTY"], "neither a run folder"),
     (["--checks", "data,speed"], "unknown check(s) speed"),
     (["--lr", "-1"], "--lr must be a positive number"),
+    (["--checks", "data", "--dataset", "emoji:flags", "--report_dir", "FILE/report"],
+     "cannot write to --report_dir"),  # before any check runs (an OSError line without the flag before)
 ])
 def test_doctor_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, expected):
     from ddpmkit.cli import main
 
     (tmp_path / "empty").mkdir()
-    names = {"NOWHERE": str(tmp_path / "nowhere" / "run"), "EMPTY": str(tmp_path / "empty")}
-    code = main(["-q", "doctor", *[names.get(a, a) for a in argv], "--report_dir", str(tmp_path / "report")])
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    names = {"NOWHERE": str(tmp_path / "nowhere" / "run"), "EMPTY": str(tmp_path / "empty"),
+             "FILE/report": str(tmp_path / "a_file" / "report")}
+    code = main(["-q", "doctor", "--report_dir", str(tmp_path / "report"), *[names.get(a, a) for a in argv]])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err.replace(str(tmp_path / "nowhere" / "run"),
                                                                                   "NOWHERE"), err

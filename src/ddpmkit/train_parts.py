@@ -37,6 +37,8 @@ def check_before_loading(config: TrainConfig, output_dir: Path, pipeline_dir: Pa
     that does not fit the size, a --resume_from_checkpoint folder that is not a complete checkpoint, a new run in a
     folder holding another run's checkpoints."""
     runs.check_writable(output_dir)
+    if config.cache_dir:
+        runs.check_writable(Path(config.cache_dir).expanduser(), "--cache_dir")
     if not config.init_from:
         check_unet_config(unet_config_for(config.preset, config.unet_config), config.image_size,
                           f"--unet_config {config.unet_config}" if config.unet_config else "the UNet config")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ddpmkit import runs
 from ddpmkit.doctor.checks import Finding, check_config, check_data, check_overfit, problem
 from ddpmkit.doctor.sampled import check_ema, check_sampler
 from ddpmkit.doctor.subject import Subject, open_subject
@@ -55,7 +56,7 @@ def doctor(target=None, *, checks: tuple[str, ...] | list[str] = tuple(CHECKS), 
         raise UserError(f"unknown check(s) {', '.join(unknown)}: use any of {', '.join(CHECKS)}")
     subject = open_subject(target, overrides, device)
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    runs.check_writable(report_dir, "--report_dir")
     run = {"data": check_data, "overfit": check_overfit, "config": check_config,
            "ema": partial(check_ema, features=features), "sampler": partial(check_sampler, scheduler=scheduler)}
     report = DoctorReport(_describe(subject))
