@@ -204,6 +204,7 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         "model path missing": (sample("no_model"), "does not exist"),
         "model folder not a pipeline": (sample("images"), "not a diffusion pipeline folder"),
         "folder without unet/": (sample("no_unet"), "it needs unet/ and scheduler/"),
+        "run without its final pipeline": (sample("old_run"), "is a run without its final pipeline yet: resume it"),
         "folder without model_index.json": (sample("no_index"), "no model_index.json"),
         "unsupported pipeline class": (sample("sd_pipeline"), "'StableDiffusionPipeline' pipeline"),
         "config with a missing field": (sample("missing_field"), "could not load the pipeline"),

@@ -407,3 +407,16 @@ def test_push_bad_repo_id_or_folder(run_folder, tmp_path):
         hub.push_to_hub(run_folder, "not a repo id")
     with pytest.raises(UserError, match="not a pipeline folder"):
         hub.push_to_hub(tmp_path / "nothing", "me/model")
+
+
+def test_a_run_without_its_final_pipeline_points_at_its_last_saved_one(tmp_path, capsys):
+    """--model RUN while the run trains (or after a stop): the pipeline it saved last (by step, 10 after 9), not
+    'train one with ddpmkit train'."""
+    run = tmp_path / "run"
+    for step in (9, 10):
+        save_plain_pipeline(run / f"step_{step}")
+    (run / "train_config.json").write_text("{}")
+    code = main(["sample", "--model", str(run), "--out", str(tmp_path / "x.png")])
+    stderr = capsys.readouterr().err.strip()
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert f"is a run without its final pipeline yet: sample its last saved pipeline, {run / 'step_10'}" in stderr
