@@ -50,6 +50,15 @@ def test_training_images_returned_exactly_are_copies_and_random_images_are_not(d
     assert random["pixels"]["median_nearest"] > 2 * random["pixels"]["train_median_nearest"]
 
 
+def test_more_neighbours_than_training_images_shows_them_all_and_says_so(data, tmp_path):
+    """--nearest 50 against 40 training images: the 40 there are, named as 40 in the result and its lines (the
+    lines said '50 nearest')."""
+    folder, images = data
+    found = _evaluate(images[:4], folder, tmp_path, nearest=50).nearest
+    assert found["k"] == 40 and all(len(row) == 40 for row in found["pixels"]["nearest_index"])
+    assert "the 40 nearest of 40 training images" in nearest_lines(found)[0]
+
+
 def test_new_images_from_the_data_are_copies_about_as_often_as_the_percentile(tmp_path):
     """The bar is calibrated on the data: 400 held-out discs against 400 training discs fall below it ~1% of the time."""
     train = shapes(400, "disc", size=8, seed=10)

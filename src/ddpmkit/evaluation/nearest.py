@@ -218,6 +218,9 @@ def find_nearest(generated: ImageSet, generated_features: np.ndarray, train: Ima
     if generated.images.shape[1:] != train.images.shape[1:]:
         raise UserError(f"the generated images are {tuple(generated.images.shape[1:])} and the training images "
                         f"{tuple(train.images.shape[1:])}: compare them at the model's size (drop --image_size)")
+    if k > len(train):  # what is shown is what was found: all of them
+        logger.info("--nearest %d: the training set has %d images, so %d nearest are shown", k, len(train), len(train))
+        k = len(train)
     train_features, _ = cached_features(train, extractor, cache, progress, "features (training set)")
     inception = space_neighbours(generated_features, train_features, k)
     mirror = pixel_rows(train.images.flip(-1)) if flips else None
