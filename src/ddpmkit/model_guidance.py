@@ -127,6 +127,7 @@ def load_guide(pipe, autoguide, autoguide_scale: float, cfg_scale: float, interv
 def check_guide(pipe, guide) -> None:
     """Autoguidance needs a guide of the same kind: size, channels, classes, prediction type and noise schedule."""
     mine, theirs = pipe.unet.config, guide.unet.config
+
     def classes(config) -> str:  # num_class_embeds counts the null class of CFG training
         return f"{config.num_class_embeds} class embeddings" if config.num_class_embeds else "unconditional"
 

@@ -195,8 +195,8 @@ def _unfinished_run_hint(path: Path) -> str:
         return ""
     saved = sorted((p for p in path.glob("step_*") if (p / "model_index.json").is_file() and
                     p.name.removeprefix("step_").isdigit()), key=lambda p: int(p.name.removeprefix("step_")))
-    found = f"sample its last saved pipeline, {saved[-1]}" if saved else "resume it to the end (--resume_from_" \
-        "checkpoint latest)"
+    resume = "resume it to the end (--resume_from_checkpoint latest)"
+    found = f"sample its last saved pipeline, {saved[-1]}" if saved else resume
     ema = f", or make a post-hoc EMA with 'ddpmkit ema {path} --sigma_rel 0.1 --out DIR'" \
         if runs.phema_snapshots(path) else ""
     return found + ema
