@@ -186,7 +186,11 @@ def no_network(tmp_path, monkeypatch):
 
     for variable in hub.PROXY_VARIABLES + ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
+    import datasets.config
+
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # datasets' own copies, read when it was first imported
+        monkeypatch.setattr(datasets.config, name, False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(hub.socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(hub_http.httpx2.HTTPTransport, "handle_request", no_request)

@@ -188,20 +188,6 @@ def check_pipeline_folder(path: Path, name: str) -> None:
                  path / "scheduler" / "scheduler_config.json")
 
 
-def _unfinished_run_hint(path: Path) -> str:
-    """For a run folder whose final pipeline is not there yet (training, or stopped): what it does hold to sample
-    ('' for any other folder)."""
-    if not (path / runs.CONFIG_FILE).is_file() and not runs.checkpoints_dir(path).is_dir():
-        return ""
-    saved = sorted((p for p in path.glob("step_*") if (p / "model_index.json").is_file() and
-                    p.name.removeprefix("step_").isdigit()), key=lambda p: int(p.name.removeprefix("step_")))
-    resume = "resume it to the end (--resume_from_checkpoint latest)"
-    found = f"sample its last saved pipeline, {saved[-1]}" if saved else resume
-    ema = f", or make a post-hoc EMA with 'ddpmkit ema {path} --sigma_rel 0.1 --out DIR'" \
-        if runs.phema_snapshots(path) else ""
-    return found + ema
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
 
@@ -250,7 +236,7 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
         if not path.is_dir():
             raise UserError(f"--model {name} is a file: point it at a pipeline folder (with model_index.json)")
         if not (path / "unet").is_dir() or not (path / "scheduler").is_dir():
-            if run_hint := _unfinished_run_hint(path):
+            if run_hint := runs.unfinished_run_hint(path):
                 raise UserError(f"{name} is a run without its final pipeline yet: {run_hint}")
             hint = " (it looks like a training checkpoint: use the run folder)" if (path / "optimizer.bin").exists() \
                 else ""

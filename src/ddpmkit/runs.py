@@ -361,6 +361,20 @@ def read_phema_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def unfinished_run_hint(path: Path) -> str:
+    """For a run folder whose final pipeline is not there yet (training, or stopped): what it does hold to sample
+    ('' for any other folder)."""
+    if not (path / CONFIG_FILE).is_file() and not checkpoints_dir(path).is_dir():
+        return ""
+    saved = sorted((p for p in path.glob("step_*") if (p / "model_index.json").is_file() and
+                    p.name.removeprefix("step_").isdigit()), key=lambda p: int(p.name.removeprefix("step_")))
+    resume = "resume it to the end (--resume_from_checkpoint latest)"
+    found = f"sample its last saved pipeline, {saved[-1]}" if saved else resume
+    ema = f", or make a post-hoc EMA with 'ddpmkit ema {path} --sigma_rel 0.1 --out DIR'" \
+        if phema_snapshots(path) else ""
+    return found + ema
+
+
 # ---------------------------------------------------------------------- files that are complete or absent
 def check_writable(folder: Path, flag: str = "--output_dir", given: str | os.PathLike | None = None) -> None:
     """Create `folder` and write a file in it, or raise UserError saying what is wrong: checked before the work that
