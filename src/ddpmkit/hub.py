@@ -22,7 +22,7 @@ from typing import Any
 
 from ddpmkit import runs
 from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
         api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), repo_type="model",
                           ignore_patterns=IGNORE_PATTERNS, commit_message="Upload pipeline trained with ddpmkit")
     except _upload_errors() as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         raise UserError(f"could not push to {repo_id} ({first[:160]}); {kept}") from None
     logger.info("pushed %s to %s", folder, url)
     return str(url)

@@ -83,12 +83,9 @@ def model_guidance(model, cfg_scale: float | None = None, autoguide=None, autogu
     that stores a default guidance (`models.default_guidance`, e.g. the bundled emoji32) gets it; `autoguide="none"`
     turns it off. What `ddpmkit sample`, `ddpmkit eval` and the web app use; `sample()` does only what it is told."""
     off = isinstance(autoguide, str) and autoguide.strip().lower() == NO_GUIDE
-    if autoguide_scale is not None and not (math.isfinite(autoguide_scale) and autoguide_scale >= 0):
-        raise UserError(f"--autoguide_scale must be a number >= 0 (got {autoguide_scale})")
+    check_scales(cfg_scale, autoguide_scale)  # before the line announcing a default guidance
     if off and autoguide_scale is not None:
         raise UserError("--autoguide_scale applies to autoguidance, which --autoguide none turns off: drop one of them")
-    if cfg_scale is not None and not math.isfinite(cfg_scale):
-        raise UserError(f"--cfg_scale must be a finite number (got {cfg_scale})")
     asked = dict(autoguide=None if off else autoguide, guidance_interval=guidance_interval,
                  autoguide_scale=2.0 if autoguide_scale is None else autoguide_scale)
     if off or autoguide is not None or guidance_interval is not None or cfg_scale is not None or \
@@ -106,12 +103,17 @@ def model_guidance(model, cfg_scale: float | None = None, autoguide=None, autogu
                     f"{chosen['autoguide_scale']:g}{interval}{why}; --autoguide none samples without it")
 
 
+def check_scales(cfg_scale: float | None, autoguide_scale: float | None) -> None:
+    """A CFG scale is a finite number, an autoguidance scale a finite number >= 0 (None: not given)."""
+    if autoguide_scale is not None and not (math.isfinite(autoguide_scale) and autoguide_scale >= 0):
+        raise UserError(f"--autoguide_scale must be a number >= 0 (got {autoguide_scale})")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise UserError(f"--cfg_scale must be a finite number (got {cfg_scale})")
+
+
 def load_guide(pipe, autoguide, autoguide_scale: float, cfg_scale: float, interval, device):
     """The autoguidance guide's UNet on `device` (None without one), checked against the model it guides."""
-    if not math.isfinite(autoguide_scale) or autoguide_scale < 0:
-        raise UserError(f"--autoguide_scale must be a number >= 0 (got {autoguide_scale})")
-    if not math.isfinite(cfg_scale):
-        raise UserError(f"--cfg_scale must be a finite number (got {cfg_scale})")
+    check_scales(cfg_scale, autoguide_scale)
     if autoguide is None:
         if interval is not None and cfg_scale == 1.0:
             raise UserError("--guidance_interval applies to --cfg_scale or --autoguide: give one of them")

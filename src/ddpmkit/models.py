@@ -19,7 +19,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from ddpmkit import hub, runs
 from ddpmkit.config import DEFAULT_MODEL
 from ddpmkit.data import slug
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 # diffusers 0.42 passes huggingface_hub an argument it deprecated; the warning is for diffusers, not for our users
@@ -257,7 +257,7 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.
             scheduler_config = DDPMScheduler.load_config(source, subfolder="scheduler")
             scheduler = DDPMScheduler.from_config(scheduler_config)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, NotImplementedError, RuntimeError) as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         if local:
             raise UserError(f"could not load the pipeline in {name}: {first[:200]}") from None
         if unreachable:

@@ -23,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ def check_writable(folder: Path, flag: str = "--output_dir", given: str | os.Pat
 def save_error_advice(error: Exception) -> tuple[str, str]:
     """(what went wrong, what to do) for a failed save: only a full disk or quota asks for disk space."""
     if not isinstance(error, OSError) or error.errno is None:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error)[:200]
         if "no space" in reason.lower() or "quota" in reason.lower():  # safetensors/torch wrap the OSError's text
             return reason, "free some disk space"
         return reason, "fix the cause"

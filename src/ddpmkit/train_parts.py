@@ -23,7 +23,7 @@ from ddpmkit import runs
 from ddpmkit.config import TrainConfig
 from ddpmkit.data import ImageData, load_image_data
 from ddpmkit.devices import resolve_device
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, first_line
 from ddpmkit.images import save_grid
 from ddpmkit.models import (build_unet, check_image_size, check_unet_config, load_pipeline, new_noise_scheduler,
                             unet_config_for)
@@ -93,7 +93,7 @@ def _trackers(config: TrainConfig) -> list[str]:
         try:  # the key is found (environment, ~/.netrc, wandb's settings) and well-formed; no network (verify=False)
             wandb.login(verify=False)
         except Exception as err:  # noqa: BLE001 - wandb's UsageError (no key), AuthenticationError (a malformed one)
-            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            first = first_line(err)
             raise UserError(f"--wandb_project: W&B has no usable API key ({first[:120]}): run 'wandb login', or set "
                             "WANDB_MODE=offline to log in the run folder and sync later") from None
     return ["tensorboard", "wandb"]
@@ -323,7 +323,7 @@ def read_checkpoint(accelerator, path: Path) -> tuple[int, dict | None]:
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, ValueError, KeyError) as err:  # another UNet, optimizer or EMA than this run's flags build
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         why = "its UNet's layers or sizes differ" if "state_dict" in first else first[:160]
         raise UserError(f"{path} does not fit the model these flags build ({why}): resume with the flags of "
                         "the run that saved it (its train_config.json), or start a new run") from None

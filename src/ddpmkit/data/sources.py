@@ -18,7 +18,7 @@ from PIL import Image
 from ddpmkit import hub
 from ddpmkit.data.decode import IMAGE_EXTENSIONS
 from ddpmkit.data.store import ImageData, ItemSource, default_cache_max_gb, read_images
-from ddpmkit.errors import UserError
+from ddpmkit.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _open_hf_dataset(source: str, split: str):
     except UserError:
         raise
     except Exception as err:  # datasets raises its own DatasetNotFoundError etc. besides OSError, ValueError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if unreachable:
             raise UserError(f"dataset {source!r} is not in the Hugging Face cache and the Hub cannot be reached "
                             f"({unreachable}): connect to the network and run again, or give a local image folder, "
