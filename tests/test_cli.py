@@ -145,6 +145,7 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         "unet_config invalid JSON": (with_("--unet_config", w / "bad.json"), "not valid JSON"),
         "unet_config wrong type": (with_("--unet_config", w / "wrong_type.json"), "layers_per_block is 'two'"),
         "max_steps 0": (with_("--max_steps", 0), "--max_steps must be at least 1"),
+        "train seed past numpy's range": (with_("--seed", 2**32), "--seed must be an integer from 0 to 4294967295"),
         "batch size 0": (with_("--batch_size", 0), "--batch_size must be at least 1"),
         "negative batch size": (with_("--batch_size", -4), "--batch_size must be at least 1"),
         "num_epochs negative": (with_("--num_epochs", -1), "--num_epochs must be at least 1"),
@@ -183,6 +184,8 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         "sample batch size 0": (sample("plain", "--batch_size", 0), "--batch_size must be at least 1"),
         "scale 0": (sample("plain", "--scale", 0), "--scale must be at least 1"),
         "negative trajectory": (sample("plain", "--trajectory", -1), "--trajectory must be at least 0"),
+        # seeds outside numpy's range: a traceback from dpm++sde's Brownian tree / accelerate's set_seed
+        "negative seed": (sample("plain", "--seed", -1), "--seed must be an integer from 0 to 4294967295 (got -1)"),
         "guidance_every 0": (sample("plain", "--guide", "color:#BB2266", "--guidance_every", 0),
                              "--guidance_every must be at least 1"),
         # sample: names and specs
@@ -230,11 +233,14 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         # eval: numbers (a negative size was a RuntimeError traceback, 0 was read as the default)
         "eval image size negative": (["eval", "--images", w / "images", "--dataset", w / "images", "--image_size", -8],
                                      "--image_size must be at least 2 (got -8)"),
+        "eval negative seed": (["eval", "--images", w / "images", "--dataset", w / "images", "--seed", -2],
+                               "--seed must be an integer from 0"),
         "eval image size 0": (["eval", "--images", w / "images", "--dataset", w / "images", "--image_size", 0],
                               "--image_size must be at least 2 (got 0)"),
         # schedule, schedulers, the command itself
         "schedule out not an image": (["schedule", "--out", w / "plot.pdf"], "--out"),
         "schedule model missing": (["schedule", "--model", w / "no_model", "--out", w / "p.png"], "does not exist"),
+        "schedule negative seed": (["schedule", "--seed", -1, "--out", w / "p.png"], "--seed must be an integer"),
         "schedule image size 0": (["schedule", "--image_size", 0, "--out", w / "p.png"],
                                   "--image_size must be at least 1"),
         "schedule dataset missing": (["schedule", "--dataset", w / "no/such", "--out", w / "p.png"], "does not exist"),

@@ -147,3 +147,12 @@ def test_the_default_sampler_clips_an_epsilon_models_x0_as_ddpm_does(tmp_path):
     assert abs(saturated("auto") - saturated("ddpm")) < 0.05
     assert x0_clip_range(pipe.scheduler, make_scheduler("deis", pipe.scheduler.config)) == 1.0
     assert x0_clip_range(pipe.scheduler, make_scheduler("ddim", pipe.scheduler.config)) is None  # DDIM clips itself
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_sample_refuses_a_seed_outside_numpys_range(pipeline_dir, seed):
+    """dpm++sde seeds its Brownian tree through numpy: a negative seed was a traceback from inside torchsde."""
+    from ddpmkit.errors import UserError
+
+    with pytest.raises(UserError, match=r"--seed must be an integer from 0 to 4294967295"):
+        ddpmkit.sample(str(pipeline_dir), scheduler="dpm++sde", steps=2, seed=seed, num_images=1, progress=False)

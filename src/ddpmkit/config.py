@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,13 @@ LR_SCHEDULERS = (
 # post-hoc EMA lengths (--posthoc_ema_sigma_rels, ddpmkit ema/eval --sigma_rel): sigma_rel -> 1 / sqrt(12) = 0.289
 # as the power function's gamma -> 0 (a plain average of all steps)
 MAX_SIGMA_REL = 0.28
+MAX_SEED = 2**32 - 1  # numpy's range, which accelerate's set_seed and dpm++sde's Brownian tree need
+
+
+def check_seed(seed: int | None, flag: str = "--seed") -> None:
+    """A seed is an integer from 0 to MAX_SEED (None: not given)."""
+    if seed is not None and not (isinstance(seed, numbers.Integral) and 0 <= seed <= MAX_SEED):
+        raise UserError(f"{flag} must be an integer from 0 to {MAX_SEED} (got {seed!r})")
 
 
 def parse_sigma_rels(value: str | Iterable[float], flag: str = "--sigma_rel") -> list[float]:
@@ -195,6 +203,7 @@ class TrainConfig:
                             "(apt-get install g++) or leave --compile off")
         if self.compile_kernels and not self.compile:
             raise UserError("--compile_kernels compiles inside the captured step: add --compile")
+        check_seed(self.seed)
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"--lr must be a positive number (got {self.lr})")
         if self.cache_max_gb is not None and not self.cache_max_gb > 0:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ddpmkit.config import check_seed
 from ddpmkit.devices import announce, resolve_device
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
@@ -263,6 +264,7 @@ def _scheduler_for(pipe, scheduler: str, steps, karras, timestep_spacing, solver
     and the generator of its noise (`generator`, else one seeded with `seed`, else None)."""
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
+    check_seed(seed)  # dpm++sde seeds its Brownian tree through numpy
     asked = scheduler
     scheduler, steps, options = resolve(scheduler, steps, karras=karras, timestep_spacing=timestep_spacing,
                                         solver_order=solver_order)

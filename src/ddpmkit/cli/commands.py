@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ddpmkit.cli.arguments import config_from_args
-from ddpmkit.config import DEFAULT_MODEL, TrainConfig
+from ddpmkit.config import DEFAULT_MODEL, TrainConfig, check_seed
 from ddpmkit.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -75,7 +75,7 @@ def cmd_sample(args) -> int:
     log = logging.getLogger("ddpmkit")
     out = _check_out(args.out)
     _at_least(args, 1, "steps", "num_images", "batch_size", "scale", "guidance_every", "n_cuts")
-    _at_least(args, 0, "trajectory")
+    _at_least(args, 0, "trajectory")  # --seed: checked by sample()
     device = resolve_device(args.device)
     guidance = build_guidance(args.guide, args.loss, args.guidance_method, args.guidance_every,
                               args.guidance_schedule, args.clip_model, args.n_cuts, args.seed)
@@ -152,6 +152,7 @@ def cmd_eval(args) -> int:
 
     _at_least(args, 1, "steps", "batch_size")
     _at_least(args, 2, "image_size", "num_images")  # FID needs a covariance; 0 is not read as "not given"
+    check_seed(args.seed)
     if args.out and not args.out.endswith(".json"):
         raise UserError(f"--out {args.out} must end in .json")
     if args.out:
@@ -278,6 +279,7 @@ def cmd_schedule(args) -> int:
     from ddpmkit.plots import plot_schedule
 
     _at_least(args, 1, "image_size")
+    check_seed(args.seed)
     paths = plot_schedule(model=args.model, beta_schedule=args.beta_schedule, dataset=args.dataset,
                           image_size=args.image_size, out=_check_out(args.out), seed=args.seed)
     for path in paths:

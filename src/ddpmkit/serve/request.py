@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ddpmkit.config import DEFAULT_MODEL
+from ddpmkit.config import DEFAULT_MODEL, MAX_SEED
 from ddpmkit.errors import UserError
 from ddpmkit.models import default_guidance
 from ddpmkit.serve.catalog import clip_unavailable_reason
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 # The bounds the server enforces (the page's sliders show the same ones); docs/ui.md lists them.
 MAX_STEPS = 1000  # ddpm's full chain; more would be the same timesteps again
 MAX_IMAGES = 16  # one grid that a CPU makes in seconds to minutes
-MAX_SEED = 2**32 - 1
 SCALE_RANGES = {  # per image, as `--guide KIND:ARG:SCALE` and `--cfg_scale` take them
     "color": (0.0, 1000.0),  # 40 moves a 32x32 image visibly at 15-50 steps; 64x64 needs ~4x (docs/guidance.md)
     "clip": (0.0, 100.0),
