@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 20's FID target without a GPU: emoji32 trained on, on the 2-core CPU, from its bundled weights, with post-hoc
 # EMA, then measured as the bundled model is. runs/emoji32-ft started from the GPU stage (1.06M images seen); its
-# step-3,000 EMA 0.10 is the bundled emoji32 since 2026-12-05, so a fresh run (no checkpoint in RUN) starts from that.
+# step-7,000 EMA 0.10 is the bundled emoji32 since 2026-12-05 (its step 3,000 was before it), so a fresh run (no
+# checkpoint in RUN) starts from that.
 # A later step of runs/emoji32-ft is bundled with scripts/bundle_emoji32.py --run runs/emoji32-ft --pipeline DIR,
 # which then replaces the run's stage in the model card (not a third stage).
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
@@ -14,8 +15,11 @@
 #   bash benchmarks/emoji32_cpu_ft.sh default  the post-hoc EMA of length SIGMA (0.10) at the last snapshot as a
 #                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
-#                                              default sampler): 54.9 for the GPU stage, 43.7 for the bundled
-#                                              emoji32 now (floor 17.2)
+#                                              default sampler): 54.9 for the GPU stage, 43.6 at step 3,000, 35.8
+#                                              at step 7,000, the bundled emoji32 now (floor 17.2)
+#   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by emoji32-guide at each of SCALES (1.5,2,
+#                                              2.5), the default sampler, 1,000 images (SCALE_IMAGES): is the
+#                                              stored scale still the best one on the weights bundled now
 # Rows are JSON in OUT, skipped when there (resumable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +27,8 @@ RUN=${RUN:-runs/emoji32-ft}
 OUT=${OUT:-benchmarks/results/emoji32_cpu_ft}
 LENGTHS=${LENGTHS:-0.05,0.10,0.15,0.20}
 SIGMA=${SIGMA:-0.10}
+SCALES=${SCALES:-1.5,2,2.5}
+SCALE_IMAGES=${SCALE_IMAGES:-1000}
 DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
 mkdir -p "$OUT"
 last_step() { ls "$RUN/phema" | sed -n 's/^step_0*\([0-9]*\)\.safetensors$/\1/p' | sort -n | tail -1; }
@@ -47,5 +53,13 @@ case ${1:-} in
     [ -f "$OUT/$name.json" ] || "$DDPMKIT" eval --model "$dir" --autoguide emoji32-guide --autoguide_scale 2 \
       --dataset emoji --per_class --num_images 2000 --seed 0 --out "$OUT/$name.json" 2>&1 | tr '\r' '\n' \
       | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log" ;;
-  *) echo "usage: bash benchmarks/emoji32_cpu_ft.sh train|sweep|default" >&2; exit 2 ;;
+  scales)
+    sha=$(sha256sum src/ddpmkit/pretrained/emoji32/unet/diffusion_pytorch_model.safetensors | cut -c1-8)
+    for scale in ${SCALES//,/ }; do
+      name=bundled-$sha-ag$scale-$SCALE_IMAGES
+      [ -f "$OUT/$name.json" ] || "$DDPMKIT" eval --model emoji32 --autoguide emoji32-guide --autoguide_scale "$scale" \
+        --dataset emoji --per_class --num_images "$SCALE_IMAGES" --seed 0 --out "$OUT/$name.json" 2>&1 \
+        | tr '\r' '\n' | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log"
+    done ;;
+  *) echo "usage: bash benchmarks/emoji32_cpu_ft.sh train|sweep|default|scales" >&2; exit 2 ;;
 esac
