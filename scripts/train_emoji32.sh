@@ -5,9 +5,9 @@
 # STEPS=2100 BATCH=64 is about one CPU hour (the time-to-quality curve in docs/performance.md). Resumable: rerun the same command
 # after any stop. Then:
 #   python scripts/bundle_emoji32.py --run runs/emoji32 --hardware "what it ran on"
-# This is the bundled model's first stage. Its second, 3,000 more steps on a 2-core CPU from these weights with
+# This is the bundled model's first stage. Its second, 7,000 more steps on a 2-core CPU from these weights with
 # post-hoc EMA, is `bash benchmarks/emoji32_cpu_ft.sh train`, bundled with (the model card lists both stages)
-#   python scripts/bundle_emoji32.py --run runs/emoji32-ft --pipeline runs/emoji32-ft-ema0.10-step3000
+#   python scripts/bundle_emoji32.py --run runs/emoji32-ft --pipeline runs/emoji32-ft-ema0.10-step7000
 set -euo pipefail
 ddpmkit train --dataset emoji --image_size 32 --class_column label --preset tiny --prediction_type v_prediction \
   --batch_size "${BATCH:-256}" --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 100 --use_ema \
