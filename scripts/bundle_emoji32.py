@@ -12,7 +12,9 @@ carries over, measured again on the new weights.
 What it writes, in a staging folder that replaces the old one when complete:
 - the pipeline (model_index.json, scheduler/, unet/ with the weights cast to float16 in safetensors: loading
   gives float32 tensors equal to those float16 values, in plain diffusers and in ddpmkit);
-- ddpmkit.json (class names, null class, how it was trained) and `samples.png` (one row per category);
+- ddpmkit.json (class names, null class, how it was trained) and `samples.png` (one row per category, without
+  guidance); docs/emoji32_default.png, the README's grid: the same with the stored default guidance, as
+  `ddpmkit sample` gives it;
 - eval.json: `ddpmkit eval --per_class` of the bundled (float16-rounded) weights against the emoji data, without
   guidance; eval_default.json: the same with the stored default guidance (when there is one);
 - README.md, the model card: the training command, hardware, wall time, images seen, the recipe search, the
@@ -276,6 +278,9 @@ def main() -> None:
         shutil.rmtree(DEST)
     staged.rename(DEST)
     ddpmkit("-q", *grid_args)
+    if meta.get("default_guidance"):  # the README's grid: what `ddpmkit sample` gives
+        ddpmkit("-q", "sample", "--model", "emoji32", "--num_images", "8", "--seed", "0", "--out",
+                str(ROOT / "docs" / "emoji32_default.png"), "--scale", "2")
     if not args.skip_eval:
         ddpmkit(*eval_args)
         if meta.get("default_guidance"):  # measured again on these weights, and why it is the default
