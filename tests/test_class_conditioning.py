@@ -80,6 +80,20 @@ def test_cfg_above_one_gives_the_right_class(toy_model):
         assert share >= 0.75, (NAMES[label], share)
 
 
+def test_python_class_labels_by_name_as_the_cli_takes_them(toy_model):
+    """sample(class_labels=["blue circle", ...]) was a ValueError from torch ('too many dimensions str')."""
+    by_index = sample(str(toy_model), "ddim", steps=3, num_images=2, seed=0, class_labels=[1, 0], progress=False)
+    for model in (str(toy_model), load_pipeline(toy_model)):  # a folder, or a pipeline loaded from one
+        by_name = sample(model, "ddim", steps=3, num_images=2, seed=0, class_labels=["blue-circle", "Red square"],
+                         progress=False)
+        assert torch.equal(by_name.images, by_index.images)
+    one = sample(str(toy_model), "ddim", steps=3, num_images=2, seed=0, class_labels="blue circle", progress=False)
+    assert torch.equal(one.images, sample(str(toy_model), "ddim", steps=3, num_images=2, seed=0, class_labels=1,
+                                          progress=False).images)
+    with pytest.raises(UserError, match="unknown --class_label 'owl': use one of red square, blue circle"):
+        sample(str(toy_model), "ddim", steps=3, num_images=2, seed=0, class_labels=["owl", 0], progress=False)
+
+
 def test_cfg_zero_equals_unconditional_sampling(toy_model):
     pipe = load_pipeline(toy_model)
     unconditional = sample(pipe, "ddpm", steps=10, num_images=4, seed=2, progress=False)  # null class

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -21,7 +22,7 @@ from ddpmkit.devices import announce, resolve_device
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
 from ddpmkit.model_guidance import GuidanceInterval, guide_for_sampling, guided_steps, load_guide
-from ddpmkit.models import resolve_pipeline
+from ddpmkit.models import class_names, resolve_class_label, resolve_pipeline
 from ddpmkit.prediction import clip_x0, predicted_x0, x0_clip_range
 from ddpmkit.schedulers import (AUTO, SIGMA_MAX, keeps_sample, make_scheduler, num_levels, prepare_for_moves, resolve,
                                 set_timesteps, settings_label, step_kwargs)
@@ -181,9 +182,9 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     `scheduler="auto"` is the measured default (`schedulers.AUTO_CHOICE`, docs/samplers.md); any other name runs
     with its own measured defaults (`REGISTRY[name].defaults`, `default_steps`) for whatever of `steps`, `karras`,
     `timestep_spacing`, `solver_order` is None ('ddpmkit schedulers' lists them). "ddpm" with `seed` reproduces
-    DDPMPipeline. `seed` means `torch.Generator("cpu").manual_seed(seed)` used as
-    DDPMPipeline uses its generator. `sigma_max` caps the starting noise level of the sigma-array samplers
-    (all but ddpm, ddim, pndm; None: the model's full schedule, as plain diffusers samples it).
+    DDPMPipeline. `class_labels`: one or one per image, indices or the names saved with the model. `seed`:
+    `torch.Generator("cpu").manual_seed(seed)` used as DDPMPipeline uses its generator. `sigma_max` caps the
+    starting noise level of the sigma-array samplers (all but ddpm, ddim, pndm; None: the full schedule).
     Guidance: `cfg_scale` (classifier-free, class-conditioned models), or `autoguide` (a weaker model of the same
     kind: a pipeline, folder, run checkpoint `step_N` or bundled name) at `autoguide_scale`; either only inside
     `guidance_interval` ('LO,HI' noise levels, 't:LO,HI' timesteps); `guidance`: a loss on x0 (guidance.py).
@@ -202,7 +203,7 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     guide_unet = load_guide(pipe, autoguide, autoguide_scale, cfg_scale, interval, device)
     sched, settings, generator = _scheduler_for(pipe, scheduler, steps, karras, timestep_spacing, solver_order,
                                                 sigma_max, seed, generator, eta)
-    labels = _class_label_tensor(unet, class_labels, num_images)
+    labels = _class_label_tensor(unet, class_labels, num_images, model)
     rows = 2 if (labels is not None and cfg_scale not in (0.0, 1.0)) or guide_unet is not None else 1
     with _eval_mode(unet):
         # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
@@ -294,7 +295,8 @@ def _eval_mode(unet):
         unet.train(was_training)
 
 
-def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | None:
+def _class_label_tensor(unet, class_labels, num_images: int, model=None) -> torch.Tensor | None:
+    """Class indices, or class names as saved with the model (ddpmkit.json), as the CLI's --class_label takes them."""
     if class_labels is None:
         if unet.config.num_class_embeds:
             logger.info("class-conditioned model without --class_label: sampling unconditionally (null class)")
@@ -302,6 +304,14 @@ def _class_label_tensor(unet, class_labels, num_images: int) -> torch.Tensor | N
         return None
     if not unet.config.num_class_embeds:
         raise UserError("--class_label given, but this model is not class-conditioned")
+    items = [class_labels] if isinstance(class_labels, str) else class_labels
+    if isinstance(items, (list, tuple)) and any(isinstance(c, str) for c in items):
+        source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+        try:
+            names = class_names(source) if source else None
+        except UserError:  # a pipeline object not saved anywhere: indices only
+            names = None
+        class_labels = [resolve_class_label(c, names, unet.config.num_class_embeds - 1) for c in items]
     labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
     if labels.numel() == 1:
         labels = labels.repeat(num_images)
