@@ -45,10 +45,10 @@ MAX_SIGMA_REL = 0.28
 MAX_SEED = 2**32 - 1  # numpy's range, which accelerate's set_seed and dpm++sde's Brownian tree need
 
 
-def check_seed(seed: int | None, flag: str = "--seed") -> None:
+def check_seed(seed: int | None) -> None:
     """A seed is an integer from 0 to MAX_SEED (None: not given)."""
     if seed is not None and not (isinstance(seed, numbers.Integral) and 0 <= seed <= MAX_SEED):
-        raise UserError(f"{flag} must be an integer from 0 to {MAX_SEED} (got {seed!r})")
+        raise UserError(f"--seed must be an integer from 0 to {MAX_SEED} (got {seed!r})")
 
 
 def parse_sigma_rels(value: str | Iterable[float], flag: str = "--sigma_rel") -> list[float]:

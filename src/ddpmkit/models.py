@@ -222,6 +222,11 @@ def resolve_pipeline(model):
     return model
 
 
+def pipeline_name(pipe) -> str | None:
+    """Where a pipeline was loaded from (the name `load_pipeline` was given), None for one built in memory."""
+    return getattr(getattr(pipe, "config", None), "_name_or_path", None)
+
+
 def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None) -> DDPMPipeline:
     """Load a DDPM-style pipeline (UNet2DModel + scheduler): a bundled model by name ('emoji32', the

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -22,7 +21,7 @@ from ddpmkit.devices import announce, resolve_device
 from ddpmkit.errors import UserError
 from ddpmkit.images import bars_enabled
 from ddpmkit.model_guidance import GuidanceInterval, guide_for_sampling, guided_steps, load_guide
-from ddpmkit.models import class_names, resolve_class_label, resolve_pipeline
+from ddpmkit.models import class_names, pipeline_name, resolve_class_label, resolve_pipeline
 from ddpmkit.prediction import clip_x0, predicted_x0, x0_clip_range
 from ddpmkit.schedulers import (AUTO, SIGMA_MAX, keeps_sample, make_scheduler, num_levels, prepare_for_moves, resolve,
                                 set_timesteps, settings_label, step_kwargs)
@@ -203,7 +202,7 @@ def sample(model, scheduler: str = AUTO, steps: int | None = None, num_images: i
     guide_unet = load_guide(pipe, autoguide, autoguide_scale, cfg_scale, interval, device)
     sched, settings, generator = _scheduler_for(pipe, scheduler, steps, karras, timestep_spacing, solver_order,
                                                 sigma_max, seed, generator, eta)
-    labels = _class_label_tensor(unet, class_labels, num_images, model)
+    labels = _class_label_tensor(pipe, class_labels, num_images)
     rows = 2 if (labels is not None and cfg_scale not in (0.0, 1.0)) or guide_unet is not None else 1
     with _eval_mode(unet):
         # a micro-batch counts UNet rows: a CFG image is two (conditional and unconditional)
@@ -236,7 +235,7 @@ def _record_guidance(settings: dict, interval, autoguide, autoguide_scale: float
     if interval is not None:
         settings["guidance_interval"] = interval.describe()
     if autoguide is not None:
-        settings.update(autoguide=str(getattr(getattr(autoguide, "config", None), "_name_or_path", autoguide)),
+        settings.update(autoguide=str(pipeline_name(autoguide) or autoguide),
                         autoguide_scale=autoguide_scale)
 
 
@@ -295,8 +294,9 @@ def _eval_mode(unet):
         unet.train(was_training)
 
 
-def _class_label_tensor(unet, class_labels, num_images: int, model=None) -> torch.Tensor | None:
+def _class_label_tensor(pipe, class_labels, num_images: int) -> torch.Tensor | None:
     """Class indices, or class names as saved with the model (ddpmkit.json), as the CLI's --class_label takes them."""
+    unet = pipe.unet
     if class_labels is None:
         if unet.config.num_class_embeds:
             logger.info("class-conditioned model without --class_label: sampling unconditionally (null class)")
@@ -306,11 +306,7 @@ def _class_label_tensor(unet, class_labels, num_images: int, model=None) -> torc
         raise UserError("--class_label given, but this model is not class-conditioned")
     items = [class_labels] if isinstance(class_labels, str) else class_labels
     if isinstance(items, (list, tuple)) and any(isinstance(c, str) for c in items):
-        source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
-        try:
-            names = class_names(source) if source else None
-        except UserError:  # a pipeline object not saved anywhere: indices only
-            names = None
+        names = class_names(source) if (source := pipeline_name(pipe)) else None  # none for a pipeline built in memory
         class_labels = [resolve_class_label(c, names, unet.config.num_class_embeds - 1) for c in items]
     labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
     if labels.numel() == 1:

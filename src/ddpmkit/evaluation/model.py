@@ -29,7 +29,7 @@ from ddpmkit.evaluation.metrics import fid_from_features, kid_from_features
 from ddpmkit.evaluation.nearest import check_nearest, look_for_copies
 from ddpmkit.evaluation.result import EvalResult
 from ddpmkit.images import bars_enabled, to_uint8_nchw
-from ddpmkit.models import class_names, load_pipeline, resolve_class_label
+from ddpmkit.models import class_names, load_pipeline, pipeline_name, resolve_class_label
 from ddpmkit.models import resolve_pipeline
 from ddpmkit.sampling import SamplerSettings, sample
 
@@ -152,7 +152,7 @@ def sample_for_evaluation(pipe, reference: ImageSet, count: int, sampler: Sample
     (that class's images only, for `class_label`) and the sampling settings. `model_name` finds the class
     names (default: where the pipeline was loaded from)."""
     sampler = sampler or SamplerSettings()
-    model_name = model_name or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    model_name = model_name or pipeline_name(pipe)
     labels = _generated_labels(pipe, model_name, reference, per_class, class_label)
     if class_label is not None:  # one class: compared with that class's images only
         reference = _restrict_to_class(reference, labels[0], model_name)
@@ -331,7 +331,7 @@ def _open_model(model, device) -> tuple[Any, str | None]:
     if isinstance(model, (str, os.PathLike)):
         return load_pipeline(str(model), device=device), str(model)
     pipe = resolve_pipeline(model)
-    return pipe, getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return pipe, pipeline_name(pipe)
 
 
 def _settings(identity: dict, kid_subsets: int, kid_subset_size: int, k: int) -> dict[str, Any]:
