@@ -323,8 +323,11 @@ def test_eval_command_on_the_real_network_prints_one_line_per_figure(tmp_path, c
 @pytest.mark.parametrize("argv, expected", [
     (["--images", "EMPTY", "--dataset", "DATA"], "no images in folder"),
     (["--model", "/no/such/model", "--dataset", "DATA"], "does not exist"),
-    (["--images", "DATA", "--dataset", "DATA", "--num_images", "1"], "at least 2"),
-    (["--images", "DATA", "--dataset", "ONE"], "FID needs at least 2"),
+    (["--images", "DATA", "--dataset", "DATA", "--num_images", "1"], "--num_images must be at least 4"),
+    # 3 passed FID's check and failed precision/recall's after sampling and features: now before anything runs
+    (["--model", "PIPE", "--dataset", "DATA", "--num_images", "3"], "--num_images must be at least 4"),
+    (["--images", "DATA", "--dataset", "ONE"], "has 3 images: FID, precision and recall need at least 4"),
+    (["--images", "ONE", "--dataset", "DATA"], "need at least 4 images on each side (got 3 to evaluate)"),
     (["--vs_dataset", "DATA", "--dataset", "DATA"], "--split_fraction"),
     (["--vs_dataset", "DATA", "--dataset", "DATA", "--split_fraction", "1.5"], "between 0 and 1"),
     (["--images", "DATA", "--dataset", "DATA", "--out", "r.txt"], "must end in .json"),
@@ -338,7 +341,7 @@ def test_eval_command_on_the_real_network_prints_one_line_per_figure(tmp_path, c
 def test_eval_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, expected):
     (tmp_path / "empty").mkdir()
     save_folder(shapes(6, "disc", size=8), tmp_path / "data")
-    save_folder(shapes(1, "disc", size=8), tmp_path / "one")
+    save_folder(shapes(3, "disc", size=8), tmp_path / "one")  # one short of the 4 that precision/recall need
     save_plain_pipeline(tmp_path / "pipe", sample_size=8)
     names = {"EMPTY": tmp_path / "empty", "DATA": tmp_path / "data", "ONE": tmp_path / "one", "PIPE": tmp_path / "pipe"}
     argv = [str(names.get(a, a)) for a in argv]
@@ -386,8 +389,8 @@ def test_eval_result_lines_name_every_figure():
     one_class = EvalResult(50.0, 0.1, 0.01, 0.5, 0.5, 6, 6, 1.0, settings={
         "reference": {"dataset": "emoji", "image_size": 32, "class": "flags"}, "model": {"class_labels": [1]}})
     assert one_class.lines()[0] == "FID        50.000   (one class: no floor)"
-    with pytest.raises(UserError, match="at least 2 images"):
-        evaluate(images=torch.zeros(1, 3, 8, 8, dtype=torch.uint8), dataset="emoji", features=PixelFeatures())
+    with pytest.raises(UserError, match="at least 4 images"):
+        evaluate(images=torch.zeros(3, 3, 8, 8, dtype=torch.uint8), dataset="emoji", features=PixelFeatures())
 
 
 def test_images_folder_skips_a_decompression_bomb_and_a_truncated_file_in_one_line(tmp_path, capsys, caplog):

@@ -146,12 +146,14 @@ def _sample_compare(args, pipe, out: Path, common: dict, options: dict) -> int:
 
 def cmd_eval(args) -> int:
     from ddpmkit.evaluation import evaluate
+    from ddpmkit.evaluation.metrics import MIN_IMAGES
     from ddpmkit.models import trained_on
     from ddpmkit.model_guidance import model_guidance
     from ddpmkit.sampling import SamplerSettings
 
     _at_least(args, 1, "steps", "batch_size")
-    _at_least(args, 2, "image_size", "num_images")  # FID needs a covariance; 0 is not read as "not given"
+    _at_least(args, 2, "image_size")  # 0 is not read as "not given"
+    _at_least(args, MIN_IMAGES, "num_images")  # FID's covariance, precision/recall's 3 nearest neighbours
     check_seed(args.seed)
     if args.out and not args.out.endswith(".json"):
         raise UserError(f"--out {args.out} must end in .json")

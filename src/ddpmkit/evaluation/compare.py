@@ -14,7 +14,7 @@ import numpy as np
 from ddpmkit.evaluation.cache import FeatureCache, cached_features, floor_entry
 from ddpmkit.evaluation.features import FeatureExtractor
 from ddpmkit.evaluation.imagesets import ImageSet, dataset_halves
-from ddpmkit.evaluation.metrics import Metrics, compute_metrics
+from ddpmkit.evaluation.metrics import PR_K, Metrics, compute_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Comparison:
 
 
 def compare(reference: ImageSet, generated: ImageSet, extractor: FeatureExtractor, cache: FeatureCache | None = None,
-            *, cache_generated: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = 3,
+            *, cache_generated: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = PR_K,
             progress: bool = True, desc: tuple[str, str] = ("features (reference)", "features")) -> Comparison:
     """FID, KID, precision and recall of `generated` against `reference`, every figure from the same features.
 
@@ -48,7 +48,7 @@ def compare(reference: ImageSet, generated: ImageSet, extractor: FeatureExtracto
 
 def measure_floor(dataset: str, image_size: int, channels: int, count: int, extractor: FeatureExtractor,
                   cache: FeatureCache | None, measured: str, *, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                  k: int = 3, progress: bool = True, **select) -> dict | None:
+                  k: int = PR_K, progress: bool = True, **select) -> dict | None:
     """The floor at `count`: two disjoint halves of the dataset, `count` images each, compared (a `floor_entry`).
     It is the best score any model can get against that data at that count; None when a half is too small."""
     a, b = dataset_halves(dataset, image_size, channels, count, **select)

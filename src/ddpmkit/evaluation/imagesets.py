@@ -19,6 +19,7 @@ from PIL import Image
 from ddpmkit.data import IMAGE_EXTENSIONS, decode_image, load_image_data
 from ddpmkit.data.decode import DECODE_ERRORS
 from ddpmkit.errors import UserError
+from ddpmkit.evaluation.metrics import MIN_IMAGES
 from ddpmkit.images import to_uint8_nchw
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,10 @@ def dataset_images(dataset: str, image_size: int, channels: int = 3, count: int 
         cut = int(round(n * split_fraction))
         order = order[:cut] if part == "a" else order[cut:]
     available = len(order)
-    if available < 2:
+    if available < MIN_IMAGES:
         where = f" in part {part!r} of --split_fraction {split_fraction}" if split_fraction is not None else ""
-        raise UserError(f"dataset {dataset} has {available} image{'s' * (available != 1)}{where}: FID needs at least "
-                        "2 on each side (give a larger dataset)")
+        raise UserError(f"dataset {dataset} has {available} image{'s' * (available != 1)}{where}: FID, precision "
+                        f"and recall need at least {MIN_IMAGES} on each side (give a larger dataset)")
     if count is not None and count > available:
         logger.warning("dataset %s has %d images%s: using %d, not %d", dataset, available,
                        f" in part {part}" if split_fraction is not None else "", available, count)
@@ -131,13 +132,14 @@ def tensor_images(images: torch.Tensor, image_size: int | None = None) -> ImageS
 
 def open_images(images: str | os.PathLike | torch.Tensor, image_size: int | None = None,
                 count: int | None = None) -> ImageSet:
-    """Images already made: a folder (its first `count` images) or a tensor; at least 2 of them."""
+    """Images already made: a folder (its first `count` images) or a tensor; at least MIN_IMAGES of them."""
     if torch.is_tensor(images):
         image_set = tensor_images(images, image_size)
     elif isinstance(images, (str, os.PathLike)):
         image_set = folder_images(images, image_size, count=count)
     else:
         raise UserError(f"images must be a folder or a tensor of images (got a {type(images).__name__})")
-    if len(image_set) < 2:
-        raise UserError(f"FID needs at least 2 images on each side (got {len(image_set)} to evaluate)")
+    if len(image_set) < MIN_IMAGES:
+        raise UserError(f"FID, precision and recall need at least {MIN_IMAGES} images on each side (got "
+                        f"{len(image_set)} to evaluate)")
     return image_set

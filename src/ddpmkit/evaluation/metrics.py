@@ -14,6 +14,9 @@ import torch
 
 from ddpmkit.errors import UserError
 
+PR_K = 3  # precision and recall: each image's k-th nearest neighbour sets its ball
+MIN_IMAGES = PR_K + 1  # images a side for all four figures (FID's covariance needs 2, the k-NN balls k + 1)
+
 
 def covariance_factor(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """mean, a factor F with F.T @ F = the covariance, and the covariance's trace (float64).
@@ -82,13 +85,13 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tens
     return torch.cat([torch.cdist(a[i:i + chunk], b) for i in range(0, a.shape[0], chunk)])
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): the share of generated features inside the
     union of k-NN balls of the real ones (precision), and of real features inside the generated ones' (recall)."""
     r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
     f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
     if min(r.shape[0], f.shape[0]) <= k:
-        raise UserError(f"precision/recall with k = {k} needs more than {k} images on each side")
+        raise UserError(f"precision/recall with k = {k} needs at least {k + 1} images on each side (give more images)")
 
     def radii(x: torch.Tensor) -> torch.Tensor:  # distance to the k-th nearest other point (column 0 is itself)
         return _pairwise(x, x).kthvalue(k + 1, dim=1).values
@@ -110,7 +113,7 @@ class Metrics:
 
 
 def compute_metrics(real: np.ndarray, fake: np.ndarray, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                    k: int = 3, with_pr: bool = True) -> Metrics:
+                    k: int = PR_K, with_pr: bool = True) -> Metrics:
     """All four figures from one pair of feature arrays."""
     kid = kid_from_features(real, fake, kid_subsets, kid_subset_size)
     pr = precision_recall(real, fake, k) if with_pr else (None, None)

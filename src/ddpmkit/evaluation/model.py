@@ -25,7 +25,7 @@ from ddpmkit.evaluation.cache import FeatureCache, Floors, floor_entry, floor_ke
 from ddpmkit.evaluation.compare import compare, measure_floor
 from ddpmkit.evaluation.features import FeatureExtractor, InceptionFeatures
 from ddpmkit.evaluation.imagesets import ImageSet, dataset_images, open_images
-from ddpmkit.evaluation.metrics import fid_from_features, kid_from_features
+from ddpmkit.evaluation.metrics import MIN_IMAGES, PR_K, fid_from_features, kid_from_features
 from ddpmkit.evaluation.nearest import check_nearest, look_for_copies
 from ddpmkit.evaluation.result import EvalResult
 from ddpmkit.images import bars_enabled, to_uint8_nchw
@@ -105,8 +105,9 @@ def _restrict_to_class(reference: ImageSet, model_label: int, model_name) -> Ima
             raise UserError(f"the model's class {names[model_label]!r} is not in the dataset's classes")
         wanted = matches[0]
     keep = reference.labels == wanted
-    if int(keep.sum()) < 2:
-        raise UserError(f"the dataset has {int(keep.sum())} image(s) of that class: FID needs at least 2")
+    if int(keep.sum()) < MIN_IMAGES:
+        raise UserError(f"the dataset has {int(keep.sum())} image(s) of that class: FID, precision and recall need "
+                        f"at least {MIN_IMAGES} (pick another class or a larger dataset)")
     describe = {**reference.describe, "class": names[model_label] if names else model_label,
                 "count": int(keep.sum())}
     return ImageSet(reference.images[keep], reference.labels[keep], reference.class_names, describe)
@@ -193,7 +194,7 @@ def evaluate(model=None, *, images: str | os.PathLike | torch.Tensor | None = No
              split: str = "train", split_fraction: float | None = None, image_size: int | None = None,
              image_column: str | None = None, label_column: str | None = None, cache_dir: str | Path | None = None,
              data_cache_dir: str | None = None, floor: bool = False, features: FeatureExtractor | None = None,
-             kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = 3, device: str | None = None,
+             kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = PR_K, device: str | None = None,
              resize: str = "clean", progress: bool = True, nearest: int = 0,
              nearest_grid: str | Path | None = None) -> EvalResult:
     """FID, KID, precision and recall of generated images (or any image set) against `dataset`.
@@ -277,8 +278,9 @@ def _nearest(k, grid, generated, comparison, dataset, extractor, cache, settings
 
 def _check_arguments(model, images, vs_dataset, dataset, num_images, split_fraction, per_class, class_label,
                      kid_subsets, kid_subset_size) -> None:
-    if num_images is not None and num_images < 2:
-        raise UserError(f"--num_images must be at least 2: FID needs a covariance (got {num_images})")
+    if num_images is not None and num_images < MIN_IMAGES:
+        raise UserError(f"--num_images must be at least {MIN_IMAGES}: FID needs a covariance, precision and recall "
+                        f"each image's 3 nearest neighbours (got {num_images})")
     if kid_subsets < 1 or kid_subset_size < 2:
         raise UserError("KID needs at least 1 subset of at least 2 images")
     if sum(side is not None for side in (model, images, vs_dataset)) != 1:
