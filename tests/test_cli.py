@@ -133,6 +133,11 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
                                              "no column 'nosuch'"),
         "label column that does not exist": (with_("--dataset", w / "data.parquet", "--class_column", "nosuch"),
                                              "no label column 'nosuch'"),
+        # a folder, emoji or fashion_mnist has no columns: any name was read as 'label', so a typo trained on classes
+        "label column of an image folder other than label": (with_("--class_column", "labels"),
+                                                             "no label column 'labels'"),
+        "label column of the emoji set other than label": (with_("--dataset", "emoji", "--class_column", "category"),
+                                                           "whose classes (its categories) are the column 'label'"),
         "classes from a folder with images outside class sub-folders": (
             with_("--class_column", "label"), "8 image(s) at the top of"),
         "cache folder under a file": (with_("--cache_dir", w / "a_file/cache"), "cannot write to --cache_dir"),

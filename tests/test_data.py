@@ -66,6 +66,8 @@ def test_image_folder_class_labels_are_subfolder_names(tmp_path):
     data = load_image_data(str(tmp_path / "classes"), 8, label_column="label")
     assert data.class_names == ["cats", "dogs"]
     assert data.labels.tolist() == [0, 0, 1, 1]
+    with pytest.raises(UserError, match="its sub-folders.*use label"):  # no columns: 'label' is the one name
+        load_image_data(str(tmp_path / "classes"), 8, label_column="folder")
 
 
 @pytest.mark.parametrize("kind", ["save_to_disk", "parquet"])

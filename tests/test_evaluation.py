@@ -287,7 +287,7 @@ def test_per_class_figures_of_a_class_conditioned_model(tmp_path):
     save_folder(shapes(10, "disc", size=8), data / "discs")
     save_folder(shapes(6, "square", size=8), data / "squares")
     ddim = SamplerSettings(scheduler="ddim", steps=2)
-    result = evaluate(str(folder), dataset=str(data), label_column="folder", per_class=True, sampler=ddim,
+    result = evaluate(str(folder), dataset=str(data), label_column="label", per_class=True, sampler=ddim,
                       cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False, kid_subset_size=5)
     assert set(result.per_class) == {"discs", "squares"}
     assert (result.per_class["discs"]["num_reference"], result.per_class["squares"]["num_reference"]) == (10, 6)
@@ -297,7 +297,7 @@ def test_per_class_figures_of_a_class_conditioned_model(tmp_path):
     assert discs["num_generated"] == 10 and discs["fid"] is None and discs["kid_mean"] is not None
     assert squares["fid"] is None and squares["kid_mean"] is None
     assert any(line.startswith("class      discs: KID") for line in result.lines())
-    one = evaluate(str(folder), dataset=str(data), label_column="folder", class_label="squares", sampler=ddim,
+    one = evaluate(str(folder), dataset=str(data), label_column="label", class_label="squares", sampler=ddim,
                    cache_dir=tmp_path / "cache", features=PixelFeatures(), progress=False, kid_subset_size=5)
     assert one.num_reference == 6 and one.num_generated == 6 and one.settings["model"]["class_labels"] == [1]
 

@@ -87,7 +87,7 @@ class TrainConfig:
                                      "the source for every batch (default: half the available memory)")
     max_images: int | None = opt(None, "use at most this many images (handy for quick tries)")
     class_column: str | None = opt(None, "train a class-conditioned model on this label column ('label' for the "
-                                   "emoji categories; sub-folder names for an image folder)")
+                                   "emoji categories, fashion_mnist's classes and an image folder's sub-folders)")
     cond_drop_prob: float = opt(0.1, "share of labels replaced by the null class in training, for classifier-free guidance")
     # --- model ---
     preset: str = opt("tiny", "UNet2DModel preset: 'tiny' (CPU-sized), 'small', or 'course32' (the course's exact model)")

@@ -206,7 +206,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="size both sides are loaded at (default: the model's, the folder's first image's, or 32)")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
     p.add_argument("--image_column", default=None, help="image column of a Hub or file dataset")
-    p.add_argument("--label_column", default=None, help="class column, for --per_class on a Hub or file dataset")
+    p.add_argument("--label_column", default=None, help="class column, for --per_class on a Hub or file dataset "
+                   "('label' for an image folder's sub-folders; emoji and fashion_mnist have theirs)")
     p.add_argument("--cache_dir", default=None,
                    help="feature cache and measured floors (default: $DDPMKIT_CACHE or ~/.cache/ddpmkit)")
     p.add_argument("--resize", default="clean", choices=("clean", "torch-bicubic"),

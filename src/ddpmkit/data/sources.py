@@ -258,22 +258,33 @@ def _no_columns(source: str, image_column: str | None, kind: str) -> None:
                         "drop --image_column (it applies to Hub, parquet and save_to_disk datasets)")
 
 
+def _label_is_label(source: str, label_column: str | None, kind: str, classes: str) -> None:
+    """A dataset without columns calls its classes 'label' (as `datasets` names an image folder's and Fashion-MNIST's):
+    any other name was read as 'label' before, so that a typo trained on the classes anyway."""
+    if label_column not in (None, "label"):
+        raise UserError(f"no label column {label_column!r}: {source} is {kind}, whose classes ({classes}) are the "
+                        "column 'label': use label")
+
+
 def _load_uncached(source, image_size, channels, image_column, label_column, split, max_images,
                    max_bytes=None) -> ImageData:
     path = Path(source).expanduser()
     if source == "emoji" or source.startswith("emoji:"):
         _no_columns(source, image_column, "the built-in emoji set")
+        _label_is_label(source, label_column, "the built-in emoji set", "its categories")
         category = source.split(":", 1)[1] if ":" in source else None
         files, labels, class_names = load_emoji(image_size, channels, category)
         files, labels = files[:max_images], labels[:max_images]
         return read_images(ItemSource(files), image_size, channels, labels, class_names, source, max_bytes)
     if source in ("fashion_mnist", "fashion-mnist"):
         _no_columns(source, image_column, "a built-in dataset")
+        _label_is_label(source, label_column, "a built-in dataset", "its 10 kinds of clothing")
         return load_fashion_mnist(image_size, channels, split, max_images, max_bytes=max_bytes)
     if path.is_dir() and not _is_saved_dataset(path):
         files = _image_files(path)
         if files:
             _no_columns(source, image_column, "an image folder")
+            _label_is_label(source, label_column, "an image folder", "its sub-folders")
             files = files[:max_images]
             labels, class_names = _folder_labels(path, files) if label_column else (None, None)
             return read_images(ItemSource(files), image_size, channels, labels, class_names, source, max_bytes)
