@@ -2,6 +2,7 @@
 sampling loop: the formula, the model calls inside and outside the interval, the match checks, the CLI, the device."""
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -139,12 +140,18 @@ def test_guidance_mistakes_are_one_line(pipes, kwargs, words):
         sample(pipes["main"], scheduler="ddim", steps=2, num_images=1, progress=False, **kwargs)
 
 
-def test_cli_autoguide_with_an_interval(pipes, tmp_path, capsys):
+def test_cli_autoguide_with_an_interval(pipes, tmp_path, capsys, caplog):
     out = tmp_path / "ag.png"
     code = main(["-q", "sample", "--model", str(pipes["root"] / "main"), "--scheduler", "ddim", "--steps", "4",
                  "--num_images", "2", "--autoguide", str(pipes["root"] / "bad"), "--autoguide_scale", "2.5",
                  "--guidance_interval", "0.2,50", "--out", str(out)])
     assert code == 0 and out.exists()
+    with caplog.at_level(logging.INFO, logger="ddpmkit"):  # --compare's rows count the guide's calls too
+        assert main(["sample", "--model", str(pipes["root"] / "main"), "--compare", "ddim:4,euler:3", "--num_images",
+                     "2", "--autoguide", str(pipes["root"] / "bad"), "--guidance_interval", "0.2,50", "--out",
+                     str(out)]) == 0
+    rows = [r.getMessage() for r in caplog.records if r.getMessage().endswith("calls)")]
+    assert rows == ["ddim, 4 steps (4 + 3 calls)", "euler karras, 3 steps (3 + 1 calls)"], rows  # in 0.2-50 only
     code = main(["sample", "--model", str(pipes["root"] / "main"), "--steps", "2", "--autoguide",
                  str(tmp_path / "missing"), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -137,8 +137,9 @@ def _sample_compare(args, pipe, out: Path, common: dict, options: dict) -> int:
     for name, steps in parse_compare(args.compare):
         result = sample(pipe, scheduler=name, steps=steps, **common, **(options if name == args.scheduler else {}))
         rows.append(result.images)
-        row_labels.append(f"{settings_label(name, result.settings, result.settings['steps'])} ({result.nfe} calls)")
-        log.info("%s: %d UNet calls", row_labels[-1], result.nfe)
+        calls = f"{result.nfe} + {result.guide_calls}" if result.guide_calls else str(result.nfe)  # + CFG's / guide's
+        row_labels.append(f"{settings_label(name, result.settings, result.settings['steps'])} ({calls} calls)")
+        log.info("%s", row_labels[-1])
     labelled_rows(rows, row_labels, out, scale=args.scale)
     log.info("wrote %s", out)
     return 0
