@@ -8,6 +8,7 @@ which is what a healthy run must show."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -114,6 +115,21 @@ def test_an_ema_that_has_not_caught_up_is_named(runs_made, tmp_path):
     save_file(fresh.state_dict(), str(run / "unet" / "diffusion_pytorch_model.safetensors"))
     [finding] = _doctor(run, tmp_path, checks=("ema",)).problems
     assert "the EMA has not caught up with training" in finding.text and "--ema_max_decay" in finding.advice
+
+
+def test_a_run_still_training_is_examined_with_its_last_saved_pipeline(runs_made, tmp_path, caplog):
+    """No final pipeline yet (training, or stopped): the checks that sample take its newest step_N pipeline, as
+    'ddpmkit sample' advises for such a run; they were skipped ('no pipeline saved yet')."""
+    run = tmp_path / "run"
+    shutil.copytree(runs_made["healthy"], run)
+    for step in (100, 50):
+        _pipeline_copy(run, run / f"step_{step}")
+    for name in ("model_index.json", "unet", "scheduler", "ddpmkit.json"):
+        (shutil.rmtree if (run / name).is_dir() else Path.unlink)(run / name)
+    with caplog.at_level(logging.INFO, logger="ddpmkit"):
+        [finding] = _doctor(run, tmp_path, checks=("sampler",)).findings
+    assert finding.status == "ok", finding.line()
+    assert f"the checks that sample use its last saved one, {run / 'step_100'}" in caplog.text
 
 
 def test_a_learning_rate_that_diverges_or_cannot_learn_is_named(runs_made, tmp_path):

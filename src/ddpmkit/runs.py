@@ -87,14 +87,10 @@ def loss_log_path(folder: str | os.PathLike) -> Path:
 def read_loss_log(path: str | os.PathLike) -> list[dict]:
     """The records of a run's loss.jsonl (`path`: the file or the run folder); a line cut short by a kill is left
     out with a warning, an absent log is []."""
-    path = Path(path)
-    if path.is_dir():
-        path = loss_log_path(path)
+    path = loss_log_path(path) if Path(path).is_dir() else Path(path)
     records = []
     if path.exists():
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
+        for line in filter(str.strip, path.read_text().splitlines()):
             try:
                 records.append(json.loads(line))
             except ValueError:
@@ -361,13 +357,18 @@ def read_phema_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def step_pipelines(run: Path) -> list[Path]:
+    """The pipelines a run saved on the way (--save_model_every: step_N), oldest first."""
+    return sorted((p for p in run.glob("step_*") if (p / "model_index.json").is_file() and
+                   p.name.removeprefix("step_").isdigit()), key=lambda p: int(p.name.removeprefix("step_")))
+
+
 def unfinished_run_hint(path: Path) -> str:
     """For a run folder whose final pipeline is not there yet (training, or stopped): what it does hold to sample
     ('' for any other folder)."""
     if not (path / CONFIG_FILE).is_file() and not checkpoints_dir(path).is_dir():
         return ""
-    saved = sorted((p for p in path.glob("step_*") if (p / "model_index.json").is_file() and
-                    p.name.removeprefix("step_").isdigit()), key=lambda p: int(p.name.removeprefix("step_")))
+    saved = step_pipelines(path)
     resume = "resume it to the end (--resume_from_checkpoint latest)"
     found = f"sample its last saved pipeline, {saved[-1]}" if saved else resume
     ema = f", or make a post-hoc EMA with 'ddpmkit ema {path} --sigma_rel 0.1 --out DIR'" \

@@ -198,4 +198,10 @@ def _run_and_pipeline(path: Path, target: str) -> tuple[Path | None, Path | None
                         "pipeline folder (no model_index.json): give the --output_dir of a training, or a pipeline")
     name = runs.read_train_config(path).get("model_save_name")
     inner = path / name if name else None
-    return path, inner if inner is not None and (inner / "model_index.json").is_file() else None
+    if inner is not None and (inner / "model_index.json").is_file():
+        return path, inner
+    saved = runs.step_pipelines(path)  # still training, or stopped: the checks that sample take its newest pipeline
+    if saved:
+        logger.info("doctor: %s has no final pipeline yet: the checks that sample use its last saved one, %s",
+                    target, saved[-1])
+    return path, saved[-1] if saved else None
