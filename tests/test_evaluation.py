@@ -238,6 +238,10 @@ def test_floor_is_disjoint_recorded_and_printed_beside_a_later_figure(tmp_path):
     measured = evaluate(images=shapes(10, "square", size=16), dataset=str(folder), cache_dir=tmp_path / "cache",
                         features=features, progress=False, kid_subset_size=5, floor=True)
     assert measured.floor is not None and measured.floor["count"] == 10
+    small = save_folder(shapes(6, "disc", size=16, seed=6), tmp_path / "six")  # halves of 3: too few for a floor
+    no_floor = evaluate(images=shapes(4, "square", size=16), dataset=str(small), cache_dir=tmp_path / "cache",
+                        features=features, progress=False, kid_subset_size=2, floor=True)
+    assert no_floor.floor is None and no_floor.num_reference == 4 and "not known" in no_floor.lines()[0]
 
 
 def test_shipped_floors_are_added_by_one_function_and_printed_beside_a_figure(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ddpmkit.errors import UserError
 from ddpmkit.evaluation.cache import FeatureCache, cached_features, floor_entry
 from ddpmkit.evaluation.features import FeatureExtractor
 from ddpmkit.evaluation.imagesets import ImageSet, dataset_halves
@@ -51,7 +52,11 @@ def measure_floor(dataset: str, image_size: int, channels: int, count: int, extr
                   k: int = PR_K, progress: bool = True, **select) -> dict | None:
     """The floor at `count`: two disjoint halves of the dataset, `count` images each, compared (a `floor_entry`).
     It is the best score any model can get against that data at that count; None when a half is too small."""
-    a, b = dataset_halves(dataset, image_size, channels, count, **select)
+    try:
+        a, b = dataset_halves(dataset, image_size, channels, count, **select)
+    except UserError as err:  # a half too small for the figures: no floor; the evaluation itself stands
+        logger.warning("no floor: %s", err)
+        return None
     n = min(len(a), len(b))
     if n < count:
         logger.warning("the floor needs 2 x %d images; %s has %d per half: no floor at this count", count, dataset, n)
