@@ -1,5 +1,5 @@
 """A corpus of bad and unusual images, made here: each one is converted correctly (RGB, EXIF orientation applied,
-alpha on white, first frame, 16-bit scaled) or skipped; one summary line names the skipped; a decompression bomb is
+alpha on white, first frame, 16-bit and float scaled) or skipped; one summary line names the skipped; a decompression bomb is
 refused without being decoded; and training on the folder goes on."""
 from __future__ import annotations
 
@@ -97,6 +97,8 @@ def make_corpus(folder: Path) -> tuple[dict[str, object], set[str]]:
     expected["q_image.webp"] = solid((30, 160, 160))
     (folder / "r_jpeg_named.png").write_bytes(_encoded(Image.new("RGB", (8, 8), (200, 100, 50)), "JPEG", quality=95))
     expected["r_jpeg_named.png"] = ("close", solid((200, 100, 50)), 6)
+    Image.fromarray(np.full((8, 8), 0.7, np.float32), "F").save(folder / "s_float.tiff")
+    expected["s_float.tiff"] = solid((178,) * 3)  # round(0.7 * 255): Pillow's own convert would give 0 (black)
     return expected, skipped
 
 

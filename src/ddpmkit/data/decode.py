@@ -40,7 +40,8 @@ def decode_image(data: bytes | str | Path | Image.Image, image_size: int, channe
     """One image -> uint8 array (C, H, W), resized like torchvision's Resize.
 
     First frame of an animation; EXIF orientation applied; transparency composited on white; 16-bit
-    grayscale scaled to 8 bits (65535 -> 255); CMYK, palette and grayscale converted to RGB.
+    grayscale scaled to 8 bits (65535 -> 255), float grayscale in [0, 1] too (1.0 -> 255); CMYK, palette and
+    grayscale converted to RGB.
     """
     if isinstance(data, Image.Image):
         return _convert(data, image_size, channels)
@@ -55,6 +56,10 @@ def _convert(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     if image.mode in SIXTEEN_BIT_MODES:  # Pillow would clip to 255 instead of scaling
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":  # float (a TIFF): [0, 1] scaled to 8 bits, else read as 0..255; Pillow would clip 0.7 to 0
+        wide = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        image = Image.fromarray(np.clip(np.rint(wide * (255.0 if wide.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8),
+                                "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
