@@ -35,7 +35,7 @@ def micro_model(tmp_path) -> tuple[Path, Path]:
 def test_quality_table_runs_two_rows_and_resumes(micro_model, tmp_path, caplog):
     script = load_benchmark("quality_per_step")
     model, _ = micro_model
-    argv = ["--model", str(model), "--label_column", "folder", "--num_images", "20", "--rows", "ddim-10,heun-karras-30",
+    argv = ["--model", str(model), "--label_column", "label", "--num_images", "20", "--rows", "ddim-10,heun-karras-30",
             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--plot", str(tmp_path / "q.png"),
             "--cache_dir", str(tmp_path / "cache"), "--docs", "", "--no_ship", "--quiet"]
     assert script.main(argv) == 0
@@ -65,7 +65,7 @@ def test_rows_sampled_on_one_machine_and_evaluated_on_another_give_the_same_figu
     without --sample_only evaluates them against the same reference, so the FID equals sampling and evaluating here."""
     script = load_benchmark("quality_per_step")
     model, _ = micro_model
-    common = ["--model", str(model), "--label_column", "folder", "--num_images", "20", "--rows", "ddim-10",
+    common = ["--model", str(model), "--label_column", "label", "--num_images", "20", "--rows", "ddim-10",
               "--cache_dir", str(tmp_path / "cache"), "--docs", "", "--no_ship", "--quiet",
               "--plot", str(tmp_path / "q.png")]
     assert script.main(common + ["--runs", str(tmp_path / "direct"), "--out", str(tmp_path / "direct_out")]) == 0
