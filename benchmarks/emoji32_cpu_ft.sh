@@ -16,7 +16,8 @@
 #                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
 #                                              default sampler): 54.9 for the GPU stage, 43.6 at step 3,000, 35.8
-#                                              at step 7,000, the bundled emoji32 now (floor 17.2)
+#                                              at step 7,000, the bundled emoji32 now, 32.9 at step 10,700
+#                                              (floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by emoji32-guide at each of SCALES (1.5,2,
 #                                              2.5), the default sampler, 1,000 images (SCALE_IMAGES): is the
 #                                              stored scale still the best one on the weights bundled now
