@@ -53,13 +53,11 @@ def _convert(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
     image.load()
     if image.getexif().get(ORIENTATION_TAG, 1) != 1:
         image = ImageOps.exif_transpose(image)
-    if image.mode in SIXTEEN_BIT_MODES:  # Pillow would clip to 255 instead of scaling
-        wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
-    if image.mode == "F":  # float (a TIFF): [0, 1] scaled to 8 bits, else read as 0..255; Pillow would clip 0.7 to 0
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":  # Pillow would clip (65535 to 255, 0.7 to 0), not scale
         wide = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        image = Image.fromarray(np.clip(np.rint(wide * (255.0 if wide.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8),
-                                "L")
+        # 16-bit: 65535 -> 255; float (a TIFF): [0, 1] -> 0..255, larger values read as 0..255
+        divisor = 257.0 if image.mode != "F" else 1 / 255.0 if wide.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(np.rint(wide / divisor), 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
