@@ -351,3 +351,22 @@ def test_user_errors_through_the_console_script(error_inputs, case):
     result = ddpmkit_cmd(*argv)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("ddpmkit: error: ") and expected in result.stderr
+
+
+def test_a_failed_command_leaves_no_new_empty_output_folder(forked_cli, error_inputs, tmp_path):
+    """The output folder is made (and checked writable) before the input is read: when the input is wrong, the new,
+    still empty folders go again; a folder that was there before stays, as does anything the command wrote."""
+    w = error_inputs
+    there = tmp_path / "there"
+    (there / "keep").mkdir(parents=True)
+    for argv in (["train", "--dataset", str(w / "nonexistent"), "--output_dir", str(tmp_path / "new" / "run")],
+                 ["train", "--dataset", str(w / "nonexistent"), "--output_dir", str(tmp_path / "run2"),
+                  "--cache_dir", str(tmp_path / "cache" / "x")],
+                 ["sample", "--model", str(w / "nope"), "--out", str(tmp_path / "grids" / "a" / "s.png")],
+                 ["eval", "--model", str(w / "nope"), "--dataset", "emoji", "--out", str(tmp_path / "ev" / "r.json")],
+                 ["doctor", str(w / "nope"), "--report_dir", str(tmp_path / "report")],
+                 ["sample", "--model", str(w / "nope"), "--out", str(there / "keep" / "sub" / "s.png")]):
+        code, stderr = forked_cli.run(*argv)
+        assert code == 2 and stderr.startswith("ddpmkit: error: "), stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["there"]
+    assert [p.relative_to(there).as_posix() for p in there.rglob("*")] == ["keep"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from ddpmkit.cli.arguments import (DOCTOR_DESCRIPTION, EMA_DESCRIPTION, EVAL_DESCRIPTION, add_config_arguments,
                                    add_doctor_arguments, add_ema_arguments, add_eval_arguments, add_sample_arguments,
@@ -112,12 +114,45 @@ def _setup_logging(quiet: bool) -> None:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch; images.bars_enabled honours it for ddpmkit's bars
 
 
+# the flags that name where a command writes: a folder, or a file whose folder is made for it
+_OUTPUT_FLAGS = {"output_dir": False, "out": True, "report_dir": False, "cache_dir": False, "nearest_grid": True}
+
+
+def _new_output_folders(args: argparse.Namespace) -> list[Path]:
+    """The topmost folder, not there yet, of each place the command is told to write."""
+    new = []
+    for name, is_file in _OUTPUT_FLAGS.items():
+        value = getattr(args, name, None)
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            continue
+        path = Path(value).expanduser().absolute()
+        path = path.parent if is_file and path.suffix else path
+        missing = None
+        while not path.exists() and path != path.parent:
+            path, missing = path.parent, path
+        if missing is not None:
+            new.append(missing)
+    return new
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """After a failed command: remove the folders it made for its output if nothing was written in them."""
+    for folder in folders:
+        if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         _setup_logging(args.quiet)
-        return args.func(args) or 0
+        new_folders = _new_output_folders(args)
+        try:
+            return args.func(args) or 0
+        except BaseException:
+            _remove_if_empty(new_folders)
+            raise
     except UserError as err:
         print(f"ddpmkit: error: {err}", file=sys.stderr)
         return err.exit_code
