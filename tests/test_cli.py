@@ -165,6 +165,8 @@ def _error_cases(w: Path) -> dict[str, tuple[list, str]]:
         "mixed precision value": (with_("--mixed_precision", "fp8"), "--mixed_precision"),
         "fp16 on the CPU": (with_("--mixed_precision", "fp16"), "fp16 needs a GPU"),
         "cuda without a GPU": (with_("--device", "cuda"), "no CUDA GPU"),
+        "cuda:N in train": (with_("--device", "cuda:1"), "choose it with CUDA_VISIBLE_DEVICES=1 and --device cuda"),
+        "unknown train device": (with_("--device", "tpu"), "--device must be one of auto, cpu, cuda, mps"),
         "push without a repo id": (with_("--push_to_hub"), "--push_to_hub needs --hub_model_id"),
         # train: output and checkpoints (the output folder is checked before the data: this dataset does not exist)
         "output folder under a file": (with_("--dataset", w / "no/such/folder", "--output_dir", w / "a_file/run"),

@@ -212,6 +212,9 @@ class TrainConfig:
             raise UserError(f"--snr_gamma must be a positive number, such as 5.0 (got {self.snr_gamma})")
         if self.max_grad_norm < 0:
             raise UserError(f"--max_grad_norm must be 0 (off) or more (got {self.max_grad_norm})")
+        if self.device.startswith("cuda:"):
+            raise UserError(f"--device {self.device}: training takes one GPU per process; choose it with "
+                            f"CUDA_VISIBLE_DEVICES={self.device[5:]} and --device cuda (several GPUs: accelerate launch)")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)

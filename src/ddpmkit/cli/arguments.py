@@ -32,7 +32,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, defaults: dict | 
                                 help=help_text)
         else:
             shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(*names, dest=f.name, type=typ, default=default, choices=meta.get("choices"),
+            # --device: validate() says what to do with cuda:N, which argparse would only call an invalid choice
+            choices = None if f.name == "device" else meta.get("choices")
+            parser.add_argument(*names, dest=f.name, type=typ, default=default, choices=choices,
                                 required=f.name in required, help=help_text + shown)
 
 
