@@ -193,7 +193,12 @@ def _exact_score_line(entry: dict | None, steps: int, options: dict) -> str:
 
 def _real_model_line(real: dict, name: str) -> str:
     """FID of each measured row of scheduler `name` ('auto': the auto row) on the bundled model."""
-    rows = [r for r in real["rows"] if (r["row"] == "auto" if name == AUTO else r["scheduler"] == name)]
+    rows, seen = [], set()
+    for r in real["rows"]:  # the auto row is also its scheduler's row at the same settings: shown once
+        setting = (r["steps"], json.dumps(r["options"], sort_keys=True))
+        if (r["row"] == "auto" if name == AUTO else r["scheduler"] == name) and setting not in seen:
+            rows.append(r)
+            seen.add(setting)
     if not rows:
         return "not measured"
     return "; ".join(f"{r['fid']:.1f} at {settings_words(r['steps'], r['options'])} ({r['nfe']} calls)" for r in rows)
