@@ -156,3 +156,23 @@ def test_sample_refuses_a_seed_outside_numpys_range(pipeline_dir, seed):
 
     with pytest.raises(UserError, match=r"--seed must be an integer from 0 to 4294967295"):
         ddpmkit.sample(str(pipeline_dir), scheduler="dpm++sde", steps=2, seed=seed, num_images=1, progress=False)
+
+
+def test_row_labels_keep_a_visible_space_between_words(tmp_path):
+    """Compare and per-class grids label each row: 'karras order' drew as 'karrasorder' (the default font's space is
+    a pixel or two wide at small sizes), so the words are placed one by one a readable space apart."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpmkit.images import labelled_rows
+
+    path = labelled_rows([torch.zeros(2, 3, 8, 8)] * 2, ["karras order", "Food & Drink"], tmp_path / "rows.png")
+    image = np.asarray(Image.open(path).convert("L"))
+    for top in (0, image.shape[0] // 2):
+        ink = (image[top:top + image.shape[0] // 2, :60] < 128).any(axis=0)  # the label's columns with ink
+        first, last = np.flatnonzero(ink)[[0, -1]]
+        gaps, run = [], 0
+        for inked in ink[first:last + 1]:
+            run = 0 if inked else run + 1
+            gaps.append(run)
+        assert max(gaps) >= 4, f"no gap of 4 px between the words: {max(gaps)}"

@@ -70,17 +70,31 @@ def save_individual(images: torch.Tensor, folder: str | Path, prefix: str = "sam
 
 def labelled_rows(rows: Sequence[torch.Tensor], labels: Sequence[str], path: str | Path, scale: int = 2) -> Path:
     """Rows of images (each (N, C, H, W)) with a text label left of each row: comparisons and strips."""
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
 
+    font = ImageFont.load_default(size=12)
+    anchor = "lm" if isinstance(font, ImageFont.FreeTypeFont) else None  # Pillow without FreeType: its bitmap font
+    space = max(font.getlength(" "), 4.0)  # the default font's own space is 1-2 px at this size: words ran together
+
+    def words(label: str) -> list[tuple[float, str]]:  # (x, word): drawn one by one, a readable space apart
+        out, x = [], 0.0
+        for word in label.split(" "):
+            out.append((x, word))
+            x += font.getlength(word) + space
+        return out
+
+    placed = [words(label) for label in labels]
+    label_w = int(max([10.0] + [8 + x + font.getlength(w) for p in placed for x, w in p[-1:]]))
     grids = [make_grid(r, nrow=r.shape[0], scale=scale).convert("RGB") for r in rows]
-    label_w = max(8 + 7 * max((len(s) for s in labels), default=0), 10)
     width = label_w + max(g.width for g in grids)
     canvas = Image.new("RGB", (width, sum(g.height for g in grids)), "white")
     draw = ImageDraw.Draw(canvas)
     y = 0
-    for grid, label in zip(grids, labels):
+    for grid, label_words in zip(grids, placed):
         canvas.paste(grid, (label_w, y))
-        draw.text((4, y + grid.height // 2 - 6), label, fill="black")
+        for x, word in label_words:
+            draw.text((4 + x, y + grid.height // 2 - (0 if anchor else 6)), word, fill="black", font=font,
+                      anchor=anchor)
         y += grid.height
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
