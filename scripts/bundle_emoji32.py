@@ -80,10 +80,13 @@ def write_pipeline(source: Path, staged: Path, run: Path, hardware: str, base: d
     stage = {"source": rel(source), "run": rel(run), "steps": step,
              "images_seen": step * config["batch_size"] * config["grad_accumulation_steps"],
              "train_minutes": round(at[-1]["train_s"] / 60, 1), "hardware": hardware}
+    # kept with the stage, so that its card section stays right when a later stage is bundled after it
+    if meta.get("posthoc_ema"):
+        stage["posthoc_ema"] = {k: meta["posthoc_ema"][k] for k in ("sigma_rel", "step", "run")}
     if base is None:
         meta["bundled"] = {**stage, "weights_dtype_on_disk": "float16", "date": time.strftime("%Y-%m-%d")}
     else:  # a further stage, trained on from the bundled model: the totals are all stages'
-        first = {k: v for k, v in base["bundled"].items() if k not in ("weights_dtype_on_disk", "date")}
+        first = {k: v for k, v in base["bundled"].items() if k not in ("weights_dtype_on_disk", "date", "quality_note")}
         first = {**first, "train_config": base["train_config"]}
         stages = first.pop("stages", [first])
         if stages[-1].get("run") == stage["run"]:  # a later step of the run bundled last: it replaces that stage
@@ -98,6 +101,15 @@ def write_pipeline(source: Path, staged: Path, run: Path, hardware: str, base: d
             meta["default_guidance"] = base["default_guidance"]
     runs.write_meta(staged, meta)
     return meta
+
+
+def set_notes(meta: dict, note: str | None, quality_note: str | None) -> None:
+    """The last stage's line in the Training section, and the Quality section's paragraph (None: kept)."""
+    b = meta["bundled"]
+    if note:
+        (b["stages"][-1] if b.get("stages") else b)["note"] = note
+    if quality_note:
+        b["quality_note"] = quality_note
 
 
 def guidance_section(meta: dict, plain: dict, default: dict, default_cmd: str) -> list[str]:
@@ -137,8 +149,9 @@ def guidance_section(meta: dict, plain: dict, default: dict, default_cmd: str) -
             "docs/quality.md.", ""]
 
 
-def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str, note: str | None = None,
-               quality_note: str | None = None, default_eval: dict | None = None, default_cmd: str = "") -> str:
+def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str, default_eval: dict | None = None,
+               default_cmd: str = "") -> str:
+    """The model card, from ddpmkit.json: each stage's own note and post-hoc EMA, the Quality section's note."""
     b, config = meta["bundled"], meta["train_config"]
     names = meta["class_names"]
     lines = ["# emoji32: ddpmkit's bundled model", "",
@@ -174,8 +187,8 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
                       "its own).", ""]
         elif kids:  # FID needs 2,048 images a side: KID is the figure at these counts
             lines += [f"Per category, KID (FID needs 2,048 images a side): {'; '.join(kids)}.", ""]
-        if quality_note:
-            lines += [quality_note, ""]
+        if b.get("quality_note"):
+            lines += [b["quality_note"], ""]
         lines += ["The figures are `ddpmkit eval`'s (the standard FID Inception "
                   "features, docs/evaluation.md), computed on the weights as shipped (float16 on disk).", ""]
     stages = b.get("stages") or [{**b, "train_config": config}]
@@ -189,6 +202,7 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
         c = stage["train_config"]
         prediction = c.get("prediction_type") or (prediction if c.get("init_from") else "epsilon")  # a fine-tune's
         last = number == len(stages)
+        ema = stage.get("posthoc_ema") or (meta.get("posthoc_ema") if last else None)  # one stage: not in stages
         lines += [f"### Stage {number}", ""] if len(stages) > 1 else []
         lines += ["```bash", hub.training_command(c), "```", "",
                   f"- Steps: {stage['steps']:,} optimizer steps of {c['batch_size']} images: "
@@ -199,10 +213,9 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
                   f"- Recipe: preset `{c['preset']}`, {prediction} prediction, "
                   f"AdamW lr {c['lr']} ({c['lr_scheduler']}, {c['lr_warmup_steps']} warm-up steps), "
                   + (f"post-hoc EMA (EDM2): the weights are its reconstruction of length sigma_rel "
-                     f"{meta['posthoc_ema']['sigma_rel']:g} at step {meta['posthoc_ema']['step']:,} "
-                     f"(`ddpmkit ema {meta['posthoc_ema']['run']} --sigma_rel {meta['posthoc_ema']['sigma_rel']:g} "
-                     f"--step {meta['posthoc_ema']['step']}`)" if last and meta.get("posthoc_ema")
-                     else f"EMA {'on' if c['use_ema'] else 'off'}")
+                     f"{ema['sigma_rel']:g} at step {ema['step']:,} "
+                     f"(`ddpmkit ema {ema['run']} --sigma_rel {ema['sigma_rel']:g} "
+                     f"--step {ema['step']}`)" if ema else f"EMA {'on' if c['use_ema'] else 'off'}")
                   + f", Min-SNR-γ {c.get('snr_gamma') or 'off'}"
                   + (f", {c['mixed_precision']} autocast" if c.get("mixed_precision") not in (None, "no") else "")
                   + "."]
@@ -211,8 +224,8 @@ def model_card(meta: dict, evaluation: dict | None, eval_cmd: str, grid_cmd: str
                       "docs/performance.md (time to quality).",
                       "- Chosen by measurement: every candidate trained for the same wall-clock budget and was scored "
                       "with `ddpmkit eval` (tables below)."]
-        if last and note:
-            lines += [f"- {note}"]
+        if stage.get("note"):
+            lines += [f"- {stage['note']}"]
         lines += [""]
     tried = [path for path in (ROOT / "benchmarks" / "results" / f"emoji32_{name}.md" for name in ("gpu", "recipe"))
              if path.exists()]
@@ -258,9 +271,12 @@ def main() -> None:
     eval_args, default_args = measure("eval.json", "--autoguide", "none"), measure(DEFAULT_EVAL)
     show = lambda a: "ddpmkit " + " ".join(x if "/" not in x else Path(x).name for x in a)  # noqa: E731
     read = lambda name: json.loads((DEST / name).read_text()) if (DEST / name).is_file() else None  # noqa: E731
-    if args.card_only:
-        hub.save_card(DEST, model_card(runs.read_meta(DEST), read("eval.json"), show(eval_args), show(grid_args),
-                                       args.note, args.quality_note, read(DEFAULT_EVAL), show(default_args)))
+    if args.card_only:  # --note and --quality_note replace the stored ones
+        meta = runs.read_meta(DEST)
+        set_notes(meta, args.note, args.quality_note)
+        runs.write_meta(DEST, meta)
+        hub.save_card(DEST, model_card(meta, read("eval.json"), show(eval_args), show(grid_args),
+                                       read(DEFAULT_EVAL), show(default_args)))
         return
     run = Path(args.run).resolve()
     source = Path(args.pipeline).resolve() if args.pipeline else run
@@ -272,6 +288,7 @@ def main() -> None:
     hardware = args.hardware or (f"{cpu_name()}, shared with other work for part of the time (so a quiet machine "
                                  "of this kind is faster)")
     meta = write_pipeline(source, staged, run, hardware, base)
+    set_notes(meta, args.note, args.quality_note)
     meta["weights_sha256"] = sha256(staged / WEIGHTS)
     runs.write_meta(staged, meta)
     if DEST.exists():
@@ -290,8 +307,8 @@ def main() -> None:
                 f"FID {default['fid']:.1f} against {plain['fid']:.1f} without it at {default['num_generated']:,} "
                 f"images with the default sampler, in {DEFAULT_EVAL} and eval.json; one call of the guide per step")
             runs.write_meta(DEST, meta)
-    hub.save_card(DEST, model_card(meta, read("eval.json"), show(eval_args), show(grid_args), args.note,
-                                   args.quality_note, read(DEFAULT_EVAL), show(default_args)))
+    hub.save_card(DEST, model_card(meta, read("eval.json"), show(eval_args), show(grid_args), read(DEFAULT_EVAL),
+                                   show(default_args)))
     print(f"bundled {source} as {DEST} ({sum(f.stat().st_size for f in DEST.rglob('*') if f.is_file()) / 2**20:.1f} MB)")
 
 

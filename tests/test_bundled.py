@@ -200,3 +200,28 @@ def test_demo_page_every_picture_loads_in_chromium(tmp_path):
         browser.close()
     assert count == len(sources) and broken == []
     shutil.rmtree(out / ".cache", ignore_errors=True)
+
+
+def test_model_card_keeps_each_stages_note_and_posthoc_ema_when_a_stage_is_added():
+    """scripts/bundle_emoji32.py writes the card from ddpmkit.json: bundling a further stage must not lose an earlier
+    stage's line nor call its post-hoc EMA weights 'EMA off' (both were read from the last stage only)."""
+    import copy
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bundle_emoji32", ROOT / "scripts" / "bundle_emoji32.py")
+    bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle)
+    meta = copy.deepcopy(runs.read_meta(FOLDER))
+    stages = meta["bundled"]["stages"]
+    earlier = [(s.get("note"), s.get("posthoc_ema")) for s in stages]
+    new = {**copy.deepcopy(stages[-1]), "run": "runs/next", "steps": 123}
+    new.pop("note", None)
+    meta["bundled"]["stages"].append(new)
+    meta["posthoc_ema"] = new["posthoc_ema"] = {"sigma_rel": 0.05, "step": 123, "run": "runs/next"}
+    bundle.set_notes(meta, "the new stage's line", None)
+    card = bundle.model_card(meta, None, "eval", "grid")
+    assert f"### Stage {len(stages)}" in card
+    for note, ema in earlier:
+        assert note is None or f"- {note}" in card
+        assert ema is None or f"ddpmkit ema {ema['run']} --sigma_rel {ema['sigma_rel']:g} --step {ema['step']}" in card
+    assert "- the new stage's line" in card and "ddpmkit ema runs/next --sigma_rel 0.05 --step 123" in card
