@@ -103,7 +103,8 @@ def test_diffusers_flag_aliases_are_accepted():
     assert (config.image_size, config.batch_size, config.lr, config.dataset, config.grad_accumulation_steps) == (
         16, 3, 2e-4, "some/dataset", 4)
     plain = config_from_args(TrainConfig, build_parser().parse_args(["train"]))
-    assert (plain.image_size, plain.batch_size, plain.lr, plain.dataset) == (32, 64, None, "emoji")
+    assert (plain.image_size, plain.batch_size, plain.lr, plain.dataset) == (None, 64, None, "emoji")
+    assert plain.validate().image_size == 32  # from scratch: the course's size (a fine-tune: its model's)
 
 
 # ----------------------------------------------------------------------------- user errors

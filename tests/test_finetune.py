@@ -239,3 +239,21 @@ def test_finetune_size_must_fit_the_pretrained_unet_and_fails_before_the_data(tm
                  "--image_size", "7", "--output_dir", str(tmp_path / "run")])
     stderr = capsys.readouterr().err.strip()
     assert code == 2 and "--image_size 7 does not fit this UNet" in stderr and "multiple of 2" in stderr
+
+
+def test_finetune_without_image_size_trains_at_the_start_models_size(tmp_path, capsys):
+    """The course's finetune_model.py defaults to its start model's size (256 for ddpm-bedroom-256); ddpmkit's
+    default was a fixed 128, which fine-tuned the bundled 32-px emoji32 at 16x the cost and changed its size."""
+    base = save_plain_pipeline(tmp_path / "base")
+    size = load_pipeline(base).unet.config.sample_size
+    images = write_uniform_images(tmp_path / "flat", n=2)
+    assert main(["finetune", "--start_model", str(base), "--dataset", str(images), "--batch_size", "2",
+                 "--max_steps", "1", "--num_sample_images", "1", "--sample_steps", "1",
+                 "--output_dir", str(tmp_path / "run")]) == 0
+    assert runs.read_train_config(tmp_path / "run")["image_size"] == size
+    assert DDPMPipeline.from_pretrained(tmp_path / "run" / "finetuned").unet.config.sample_size == size
+    card = (tmp_path / "run" / "finetuned" / "README.md").read_text()
+    assert f"--image_size {size} " in card  # the command in the card says the size it trained at
+    assert main(["train", "--dataset", str(images), "--batch_size", "2", "--max_steps", "1", "--preset", "tiny",
+                 "--num_sample_images", "1", "--sample_steps", "1", "--output_dir", str(tmp_path / "scratch")]) == 0
+    assert runs.read_train_config(tmp_path / "scratch")["image_size"] == 32  # from scratch: the course's 32

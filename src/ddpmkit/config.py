@@ -25,6 +25,7 @@ def opt(default: Any, help: str, aliases: tuple[str, ...] = (), choices: tuple |
     return field(default=default, metadata=meta)
 
 
+SCRATCH_IMAGE_SIZE = 32  # --image_size of a run from scratch when not given (the course's); a fine-tune: its model's
 DEFAULT_MODEL = "emoji32"  # the bundled model: the default --model of sample and eval (ddpmkit/pretrained/)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -78,8 +79,9 @@ class TrainConfig:
                        "a save_to_disk folder, or a .parquet/.arrow file", aliases=("--dataset_name",))
     split: str = opt("train", "dataset split to read (Hub and save_to_disk datasets)")
     image_column: str | None = opt(None, "image column; found automatically when it is 'image', 'img' or the only image feature")
-    image_size: int = opt(32, "training resolution: images are resized to image_size x image_size (the course uses 32)",
-                          aliases=("--resolution",))
+    image_size: int | None = opt(None, "training resolution: images are resized to image_size x image_size "
+                                 f"(default: {SCRATCH_IMAGE_SIZE} from scratch, as in the course; a fine-tune: the "
+                                 "start model's own size)", aliases=("--resolution",))
     channels: int = opt(3, "3 for RGB, 1 for grayscale", choices=(1, 3))
     random_flip: bool = opt(True, "random horizontal flip, per sample and per batch (the course's RandomHorizontalFlip)")
     cache_dir: str | None = opt(None, "keep the decoded, resized uint8 images on disk here, so the next run skips decoding")
@@ -185,11 +187,14 @@ class TrainConfig:
     hub_private: bool = opt(False, "create the Hub repo as private")
 
     def validate(self) -> "TrainConfig":
-        """Check values a user can get wrong; raise UserError with what to do."""
+        """Check values a user can get wrong; raise UserError with what to do. Fills in a from-scratch run's
+        --image_size (a fine-tune's is its model's: train_parts.load_pretrained)."""
+        if self.image_size is None and not self.init_from:
+            self.image_size = SCRATCH_IMAGE_SIZE
         positive = ("image_size", "batch_size", "grad_accumulation_steps", "num_train_timesteps", "num_sample_images",
                     "sample_steps", "checkpoints_total_limit", "log_every")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: a fine-tune's size, read later
                 raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("max_steps", "num_epochs", "max_images"):
             value = getattr(self, name)
@@ -262,8 +267,7 @@ class TrainConfig:
 
 
 # `ddpmkit finetune`: its own defaults where they differ from TrainConfig's (a small fine-tune that fits a CPU)
-FINETUNE_DEFAULTS = {"output_dir": "runs/finetune", "model_save_name": "finetuned", "image_size": 128,
-                     "batch_size": 8, "num_epochs": 2}
+FINETUNE_DEFAULTS = {"output_dir": "runs/finetune", "model_save_name": "finetuned", "batch_size": 8, "num_epochs": 2}
 
 
 def make_config(cls, overrides: dict) -> Any:

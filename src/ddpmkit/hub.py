@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpmkit import runs
-from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
+from ddpmkit.config import FINETUNE_DEFAULTS, SCRATCH_IMAGE_SIZE, TrainConfig
 from ddpmkit.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def training_command(config: TrainConfig | dict) -> str:
     """The `ddpmkit` command that reproduces this run: `finetune` when it started from a model, else `train`."""
     config = _as_config(config)
     finetune = bool(config.init_from)
-    defaults = FINETUNE_DEFAULTS if finetune else {}
+    defaults = FINETUNE_DEFAULTS if finetune else {"image_size": SCRATCH_IMAGE_SIZE}  # a fine-tune's size: listed
     words = ["ddpmkit", "finetune" if finetune else "train"]
     for f in dataclasses.fields(TrainConfig):
         value = getattr(config, f.name)

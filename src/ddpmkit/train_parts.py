@@ -99,10 +99,22 @@ def _trackers(config: TrainConfig) -> list[str]:
     return ["tensorboard", "wandb"]
 
 
+def own_size(pipe) -> int:
+    """The size a pretrained pipeline samples at: a fine-tune's --image_size when none is given."""
+    size = pipe.unet.config.sample_size
+    if not isinstance(size, int) and len(set(size)) > 1:
+        raise UserError(f"the pretrained model samples at {size[0]}x{size[1]}, not a square: give --image_size")
+    return size if isinstance(size, int) else size[0]
+
+
 def load_pretrained(config: TrainConfig, accelerator):
     """The pipeline a fine-tune starts from, checked against the run's size, channels and prediction type."""
     with accelerator.main_process_first():  # one download for all processes
         pipe = load_pipeline(config.init_from)
+    if config.image_size is None:  # not given: the size the model was trained at
+        config.image_size = own_size(pipe)
+        logger.info("fine-tuning at the start model's own size, %dx%d (--image_size changes it)", config.image_size,
+                    config.image_size)
     check_image_size(dict(pipe.unet.config), config.image_size)
     if config.prediction_type and config.prediction_type != pipe.scheduler.config.prediction_type:
         raise UserError(f"the pretrained model predicts {pipe.scheduler.config.prediction_type}; "

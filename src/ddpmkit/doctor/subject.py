@@ -54,6 +54,11 @@ class Subject:
             if c is not None:
                 first = min(c.max_images or DOCTOR_MAX_IMAGES, DOCTOR_MAX_IMAGES)
                 try:
+                    if c.image_size is None:  # a fine-tune's flags without --image_size: its model's size
+                        from ddpmkit.models import load_pipeline
+                        from ddpmkit.train_parts import own_size
+
+                        c.image_size = own_size(self._pretrained(load_pipeline))
                     data = load_image_data(c.dataset, c.image_size, c.channels, c.image_column, c.class_column,
                                            c.split, None, first, c.cache_max_gb)
                 except UserError as err:
