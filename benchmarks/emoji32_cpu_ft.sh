@@ -1,10 +1,11 @@
 #!/bin/bash
 # Issue 20's FID target without a GPU: emoji32 trained on, on the 2-core CPU, from its bundled weights, with post-hoc
-# EMA, then measured as the bundled model is. runs/emoji32-ft started from the GPU stage (1.06M images seen); its
-# step-7,000 EMA 0.10 is the bundled emoji32 since 2026-12-05 (its step 3,000 was before it), so a fresh run (no
-# checkpoint in RUN) starts from that.
-# A later step of runs/emoji32-ft is bundled with scripts/bundle_emoji32.py --run runs/emoji32-ft --pipeline DIR,
-# which then replaces the run's stage in the model card (not a third stage).
+# EMA, then measured as the bundled model is. runs/emoji32-ft (stage 2) started from the GPU stage (1.06M images
+# seen); its step-7,000 EMA 0.10 was bundled on 2026-12-05. That run folder did not survive into the next session
+# (runs/ is not kept between sessions on these machines), so stage 3, runs/emoji32-ft2 (the default RUN now), starts
+# again from the bundled weights: a fresh run (no checkpoint in RUN) starts from whatever is bundled.
+# A step of RUN is bundled with scripts/bundle_emoji32.py --run RUN --pipeline DIR: a new stage in the model card for
+# a new RUN, or a replacement of its stage for a later step of the run bundled last.
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
 #                                              checkpoint); bf16 autocast where the CPU has it natively (2x fp32 on
 #                                              an AVX-512 EPYC: 1.9 s a step of 256, 133 images/s), fp32 elsewhere;
@@ -16,15 +17,16 @@
 #                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
 #                                              default sampler): 54.9 for the GPU stage, 43.6 at step 3,000, 35.8
-#                                              at step 7,000, the bundled emoji32 now, 32.9 at step 10,700
-#                                              (floor 17.2)
+#                                              at step 7,000, 32.9 at step 10,700 (runs/emoji32-ft, lost); stage 3
+#                                              (runs/emoji32-ft2) at step 1,500, the bundled emoji32 now, 34.9 as
+#                                              shipped (floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by emoji32-guide at each of SCALES (1.5,2,
 #                                              2.5), the default sampler, 1,000 images (SCALE_IMAGES): is the
 #                                              stored scale still the best one on the weights bundled now
 # Rows are JSON in OUT, skipped when there (resumable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=${RUN:-runs/emoji32-ft}
+RUN=${RUN:-runs/emoji32-ft2}
 OUT=${OUT:-benchmarks/results/emoji32_cpu_ft}
 LENGTHS=${LENGTHS:-0.05,0.10,0.15,0.20}
 SIGMA=${SIGMA:-0.10}

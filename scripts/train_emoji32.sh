@@ -5,9 +5,10 @@
 # STEPS=2100 BATCH=64 is about one CPU hour (the time-to-quality curve in docs/performance.md). Resumable: rerun the same command
 # after any stop. Then:
 #   python scripts/bundle_emoji32.py --run runs/emoji32 --hardware "what it ran on"
-# This is the bundled model's first stage. Its second, 7,000 more steps on a 2-core CPU from these weights with
-# post-hoc EMA, is `bash benchmarks/emoji32_cpu_ft.sh train`, bundled with (the model card lists both stages)
-#   python scripts/bundle_emoji32.py --run runs/emoji32-ft --pipeline runs/emoji32-ft-ema0.10-step7000
+# This is the bundled model's first stage. Its second and third, 7,000 and then 1,500 more steps on a 2-core CPU
+# with post-hoc EMA, are `bash benchmarks/emoji32_cpu_ft.sh train` (RUN=runs/emoji32-ft, then runs/emoji32-ft2),
+# each bundled with (the model card lists every stage)
+#   python scripts/bundle_emoji32.py --run runs/emoji32-ft2 --pipeline runs/emoji32-ft2-ema0.10-step1500
 set -euo pipefail
 ddpmkit train --dataset emoji --image_size 32 --class_column label --preset tiny --prediction_type v_prediction \
   --batch_size "${BATCH:-256}" --lr 1e-3 --lr_scheduler cosine --lr_warmup_steps 100 --use_ema \
