@@ -194,8 +194,9 @@ class TrainConfig:
         positive = ("image_size", "batch_size", "grad_accumulation_steps", "num_train_timesteps", "num_sample_images",
                     "sample_steps", "checkpoints_total_limit", "log_every")
         for name in positive:
-            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: a fine-tune's size, read later
-                raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+            value = getattr(self, name)
+            if value is not None and value < 1:  # None: a fine-tune's size, read from its model later
+                raise UserError(f"--{name} must be at least 1 (got {value})")
         for name in ("max_steps", "num_epochs", "max_images"):
             value = getattr(self, name)
             if value is not None and value < 1:
