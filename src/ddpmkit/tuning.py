@@ -5,7 +5,8 @@ with avx512_bf16 or AMX) and a measurement on this model says it is faster; else
 AVX2-only CPU bf16 is emulated and far slower). Channels-last and the micro-batch size (the UNet batch
 with the highest images/s) are measured too, once per device, architecture, size, dtype and thread
 count, and kept in `autotune.json` under $DDPMKIT_CACHE (default ~/.cache/ddpmkit). Delete the file to
-measure again; `batch_size=` and `channels_last=` override the measured choice.
+measure again; `batch_size=` and `channels_last=` override the measured choice. A measurement during which other work
+took the CPU's cores (this process had under 60% of its threads' time) is used for that run only, not kept.
 
 On a CUDA GPU, with `dtype="auto"`, the UNet calls are also replayed from CUDA graphs (`capture.GraphedUNet`) where
 that measures faster than launching them; it is decided first, and the dtype, format and batch are then measured as
@@ -40,6 +41,7 @@ FORMAT_PROBE = {"cpu": 16, "cuda": 64}  # batch at which channels-last vs contig
 FASTER = 1.05  # a switch (bf16, channels-last, a micro-batch) is taken when at least 5% faster: less is noise
 PROBE_VERSION = 2  # 2: the casts in and out are timed with the forward; a change measures again
 ROUNDS = 3  # each setting is timed once per round, the rounds interleaved; its best round counts
+BUSY_SHARE = 0.6  # a CPU call with less of its threads' time than this was slowed by other work: it does not count
 
 
 @dataclass(frozen=True)
@@ -227,19 +229,12 @@ def _cached_measurements(unet, what: str, settings: dict) -> dict:
     if missing:
         logger.info("measuring the sampling speed of this model on %s (%s: %s), once; kept in %s",
                     entry["device"], what, ", ".join(map(str, missing)), path)
-        models: dict = {}  # one copy of the UNet per (dtype, format), shared by the batch sizes
-        runs = {name: _forward(unet, dtype, cl, batch, models, graphs=graphs)
-                for name, (dtype, cl, batch, graphs) in missing.items()}
-        best = {name: float("inf") for name in runs}
-        with torch.inference_mode():
-            for name, run in runs.items():
-                for _ in range(2 if missing[name][3] else 1):  # warm-up: kernels, allocator, caches (and the capture)
-                    run()
-            for _ in range(ROUNDS):  # interleaved, so a busy moment of the machine hits every setting alike
-                for name, run in runs.items():
-                    best[name] = min(best[name], _timed(run, unet.device))
-        for name, setting in missing.items():
-            known[str(name)] = round(setting[2] / best[name], 3)
+        rates, busy = _measure(unet, missing)
+        if busy:  # a burst of other work makes nonsense rates (8: 5, 32: 370 img/s): good for this run, not kept
+            logger.warning("the CPU was busy with other work while measuring the sampling speed (%s), so the choice "
+                           "is kept for this run only and measured again next time", busy)
+            return {name: rates[name] if name in rates else known[str(name)] for name in settings}
+        known.update({str(name): rate for name, rate in rates.items()})
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -248,6 +243,31 @@ def _cached_measurements(unet, what: str, settings: dict) -> dict:
         except OSError as err:  # a read-only home: measure again next time
             logger.warning("could not write the speed cache %s (%s)", path, err)
     return {name: known[str(name)] for name in settings}
+
+
+def _measure(unet, settings: dict) -> tuple[dict, str]:
+    """(images/s of each setting, why the measurement is not to be kept or ""). Each setting is timed once per round,
+    the rounds interleaved, and its fastest call counts; on a CPU, a call during which this process had under
+    BUSY_SHARE of its threads' time (other work took the cores: 1.0 of 2 threads' seconds a second under a training
+    run, 1.7-2.1 alone) does not count unless a setting has no other."""
+    models: dict = {}  # one copy of the UNet per (dtype, format), shared by the batch sizes
+    runs = {name: _forward(unet, dtype, cl, batch, models, graphs=graphs)
+            for name, (dtype, cl, batch, graphs) in settings.items()}
+    calls: dict = {name: [] for name in runs}  # (seconds, share of its threads' time) of each timed call
+    with torch.inference_mode():
+        for name, run in runs.items():
+            for _ in range(2 if settings[name][3] else 1):  # warm-up: kernels, allocator, caches (and the capture)
+                run()
+        for _ in range(ROUNDS):  # interleaved, so a busy moment of the machine hits every setting alike
+            for name, run in runs.items():
+                calls[name].append(_timed(run, unet.device))
+    rates, disturbed = {}, []
+    for name, timed in calls.items():
+        clear = [seconds for seconds, share in timed if share >= BUSY_SHARE]
+        if not clear:
+            disturbed.append(max(share for _, share in timed))
+        rates[name] = round(settings[name][2] / min(clear or [seconds for seconds, _ in timed]), 3)
+    return rates, f"this process had {max(disturbed):.0%} of its threads' time" if disturbed else ""
 
 
 def _cast(model, dtype: torch.dtype):
@@ -280,12 +300,17 @@ def _forward(unet, dtype: torch.dtype, channels_last: bool, batch: int, models: 
     return lambda: model(x.to(dtype).contiguous(memory_format=memory_format), t, class_labels=labels).sample.to(x.dtype)
 
 
-def _timed(run, device: torch.device) -> float:
+def _timed(run, device: torch.device) -> tuple[float, float]:
+    """(seconds, the share of its threads' time this process had meanwhile: 1.0 on a GPU, where the CPU waits)."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run()
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if device.type != "cpu":
+        return seconds, 1.0
+    threads = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    return seconds, (time.process_time() - cpu) / max(seconds, 1e-9) / max(threads, 1)
 
 
 @contextmanager
