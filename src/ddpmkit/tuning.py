@@ -39,7 +39,8 @@ BATCHES = (8, 16, 32, 64, 128, 256, 512)  # micro-batch sizes tried, up to the n
 MAX_BATCH = {"cpu": 64, "cuda": 512}  # beyond 64 a 2-core CPU only loses cache locality
 FORMAT_PROBE = {"cpu": 16, "cuda": 64}  # batch at which channels-last vs contiguous is decided
 FASTER = 1.05  # a switch (bf16, channels-last, a micro-batch) is taken when at least 5% faster: less is noise
-PROBE_VERSION = 2  # 2: the casts in and out are timed with the forward; a change measures again
+PROBE_VERSION = 3  # 2: the casts in and out timed with the forward; 3: calls slowed by other work left out (an entry
+# measured before could hold a busy moment: 8: 5, 32: 370 img/s); a change measures again
 ROUNDS = 3  # each setting is timed once per round, the rounds interleaved; its best round counts
 BUSY_SHARE = 0.6  # a CPU call with less of its threads' time than this was slowed by other work: it does not count
 
