@@ -310,7 +310,8 @@ def _timed(run, device: torch.device) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     if device.type != "cpu":
         return seconds, 1.0
-    threads = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = min(torch.get_num_threads(), cores)
     return seconds, (time.process_time() - cpu) / max(seconds, 1e-9) / max(threads, 1)
 
 
