@@ -20,7 +20,8 @@
 #                                              at step 7,000, 32.9 at step 10,700 (runs/emoji32-ft, lost); stage 3
 #                                              (runs/emoji32-ft2) at step 1,500, 34.9 as shipped; resumed in the
 #                                              next session to step 3,500, 33.0 as shipped; resumed again to
-#                                              step 6,500, the bundled emoji32 now: 31.6 as shipped (floor 17.2)
+#                                              step 6,500, 31.6 as shipped; to step 9,000, the
+#                                              bundled emoji32 now: 30.2 as shipped (floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by emoji32-guide at each of SCALES (1.5,2,
 #                                              2.5), the default sampler, 1,000 images (SCALE_IMAGES): is the
 #                                              stored scale still the best one on the weights bundled now
