@@ -16,12 +16,9 @@
 #   bash benchmarks/emoji32_cpu_ft.sh default  the post-hoc EMA of length SIGMA (0.10) at the last snapshot as a
 #                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
-#                                              default sampler): 54.9 for the GPU stage, 43.6 at step 3,000, 35.8
-#                                              at step 7,000, 32.9 at step 10,700 (runs/emoji32-ft, lost); stage 3
-#                                              (runs/emoji32-ft2) at step 1,500, 34.9 as shipped; resumed in the
-#                                              next session to step 3,500, 33.0 as shipped; resumed again to
-#                                              step 6,500, 31.6 as shipped; to step 9,000, the
-#                                              bundled emoji32 now: 30.2 as shipped (floor 17.2)
+#                                              default sampler); each stage's and bundle's figures are in
+#                                              docs/quality.md (54.9 for the GPU stage, 30.2 for the step-9,000
+#                                              weights bundled now; floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by emoji32-guide at each of SCALES (1.5,2,
 #                                              2.5), the default sampler, 1,000 images (SCALE_IMAGES): is the
 #                                              stored scale still the best one on the weights bundled now
