@@ -19,9 +19,10 @@
 #                                              default sampler); each stage's and bundle's figures are in
 #                                              docs/quality.md (54.9 for the GPU stage, 28.7 for the step-11,800
 #                                              weights bundled now; floor 17.2)
-#   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by emoji32-guide at each of SCALES (1.5,2,
-#                                              2.5), the default sampler, 1,000 images (SCALE_IMAGES): is the
-#                                              stored scale still the best one on the weights bundled now
+#   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by GUIDE (emoji32-guide; or a pipeline
+#                                              folder) at each of SCALES (1.5,2,2.5), the default sampler, 1,000
+#                                              images (SCALE_IMAGES): is the stored guide and scale still the best
+#                                              on the weights bundled now
 # Rows are JSON in OUT, skipped when there (resumable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ LENGTHS=${LENGTHS:-0.05,0.10,0.15,0.20}
 SIGMA=${SIGMA:-0.10}
 SCALES=${SCALES:-1.5,2,2.5}
 SCALE_IMAGES=${SCALE_IMAGES:-1000}
+GUIDE=${GUIDE:-emoji32-guide}
 DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
 mkdir -p "$OUT"
 last_step() { ls "$RUN/phema" | sed -n 's/^step_0*\([0-9]*\)\.safetensors$/\1/p' | sort -n | tail -1; }
@@ -59,7 +61,8 @@ case ${1:-} in
     sha=$(sha256sum src/ddpmkit/pretrained/emoji32/unet/diffusion_pytorch_model.safetensors | cut -c1-8)
     for scale in ${SCALES//,/ }; do
       name=bundled-$sha-ag$scale-$SCALE_IMAGES
-      [ -f "$OUT/$name.json" ] || "$DDPMKIT" eval --model emoji32 --autoguide emoji32-guide --autoguide_scale "$scale" \
+      [ "$GUIDE" = emoji32-guide ] || name=bundled-$sha-ag$scale-by-$(basename "$GUIDE")-$SCALE_IMAGES
+      [ -f "$OUT/$name.json" ] || "$DDPMKIT" eval --model emoji32 --autoguide "$GUIDE" --autoguide_scale "$scale" \
         --dataset emoji --per_class --num_images "$SCALE_IMAGES" --seed 0 --out "$OUT/$name.json" 2>&1 \
         | tr '\r' '\n' | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log"
     done ;;
