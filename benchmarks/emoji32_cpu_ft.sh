@@ -59,9 +59,9 @@ case ${1:-} in
       | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log" ;;
   scales)
     sha=$(sha256sum src/ddpmkit/pretrained/emoji32/unet/diffusion_pytorch_model.safetensors | cut -c1-8)
+    by=; [ "$GUIDE" = emoji32-guide ] || by=-by-$(basename "$GUIDE")
     for scale in ${SCALES//,/ }; do
-      name=bundled-$sha-ag$scale-$SCALE_IMAGES
-      [ "$GUIDE" = emoji32-guide ] || name=bundled-$sha-ag$scale-by-$(basename "$GUIDE")-$SCALE_IMAGES
+      name=bundled-$sha-ag$scale$by-$SCALE_IMAGES
       [ -f "$OUT/$name.json" ] || "$DDPMKIT" eval --model emoji32 --autoguide "$GUIDE" --autoguide_scale "$scale" \
         --dataset emoji --per_class --num_images "$SCALE_IMAGES" --seed 0 --out "$OUT/$name.json" 2>&1 \
         | tr '\r' '\n' | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log"
