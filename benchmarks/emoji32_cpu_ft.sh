@@ -17,7 +17,7 @@
 #                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
 #                                              default sampler); each stage's and bundle's figures are in
-#                                              docs/quality.md (54.9 for the GPU stage, 28.7 for the step-11,800
+#                                              docs/quality.md (54.9 for the GPU stage, 27.3 for the step-17,800
 #                                              weights bundled now; floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by GUIDE (emoji32-guide; or a pipeline
 #                                              folder) at each of SCALES (1.5,2,2.5), the default sampler, 1,000
