@@ -2,8 +2,10 @@
 # Issue 20's FID target without a GPU: emoji32 trained on, on the 2-core CPU, from its bundled weights, with post-hoc
 # EMA, then measured as the bundled model is. runs/emoji32-ft (stage 2) started from the GPU stage (1.06M images
 # seen); its step-7,000 EMA 0.10 was bundled on 2026-12-05. That run folder did not survive into the next session
-# (runs/ is not kept between sessions on these machines), so stage 3, runs/emoji32-ft2 (the default RUN now), starts
-# again from the bundled weights: a fresh run (no checkpoint in RUN) starts from whatever is bundled.
+# (runs/ is not kept between sessions on these machines), so stage 3, runs/emoji32-ft2, started again from the bundled
+# weights: a fresh run (no checkpoint in RUN) starts from whatever is bundled. Stage 3 trained over eight sessions and
+# was bundled at its step 17,800; its folder was lost with the machine on 2026-12-06 (at step 18,754, not bundled),
+# so stage 4, runs/emoji32-ft3 (the default RUN now), starts from the step-17,800 bundle.
 # A step of RUN is bundled with scripts/bundle_emoji32.py --run RUN --pipeline DIR: a new stage in the model card for
 # a new RUN, or a replacement of its stage for a later step of the run bundled last.
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
@@ -26,7 +28,7 @@
 # Rows are JSON in OUT, skipped when there (resumable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=${RUN:-runs/emoji32-ft2}
+RUN=${RUN:-runs/emoji32-ft3}
 OUT=${OUT:-benchmarks/results/emoji32_cpu_ft}
 LENGTHS=${LENGTHS:-0.05,0.10,0.15,0.20}
 SIGMA=${SIGMA:-0.10}

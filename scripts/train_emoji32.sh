@@ -6,7 +6,7 @@
 # after any stop. Then:
 #   python scripts/bundle_emoji32.py --run runs/emoji32 --hardware "what it ran on"
 # This is the bundled model's first stage. Its second and third, 7,000 and then 1,500 more steps on a 2-core CPU
-# with post-hoc EMA, are `bash benchmarks/emoji32_cpu_ft.sh train` (RUN=runs/emoji32-ft, then runs/emoji32-ft2),
+# with post-hoc EMA, are `bash benchmarks/emoji32_cpu_ft.sh train` (RUN=runs/emoji32-ft, then runs/emoji32-ft2; stage 4: -ft3),
 # each bundled with (the model card lists every stage)
 #   python scripts/bundle_emoji32.py --run runs/emoji32-ft2 --pipeline runs/emoji32-ft2-ema0.10-step1500
 set -euo pipefail
