@@ -10,7 +10,8 @@
 # a new RUN, or a replacement of its stage for a later step of the run bundled last.
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
 #                                              checkpoint); bf16 autocast where the CPU has it natively (2x fp32 on
-#                                              an AVX-512 EPYC: 1.9 s a step of 256, 133 images/s), fp32 elsewhere;
+#                                              an AVX-512 EPYC: 1.9 s a step of 256, 133 images/s; 1.2 s, 206
+#                                              images/s on a family-26 EPYC), fp32 elsewhere;
 #                                              a constant lr 3e-4 (the bundled run's cosine ended at 0), a post-hoc
 #                                              EMA snapshot every 100 steps, a pipeline every 500
 #   bash benchmarks/emoji32_cpu_ft.sh sweep    FID of the post-hoc EMA lengths LENGTHS at the last snapshot, plain, at
