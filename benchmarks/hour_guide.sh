@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/hour-guide-half}
 STEPS=${STEPS:-875}
 EVERY=${EVERY:-219}
-R=(); [ -d "$RUN/checkpoints" ] && R=(--resume_from_checkpoint latest)
-[ -n "${MP:-}" ] && R+=(--mixed_precision "$MP")
+EXTRA=(); [ -d "$RUN/checkpoints" ] && EXTRA=(--resume_from_checkpoint latest)
+[ -n "${MP:-}" ] && EXTRA+=(--mixed_precision "$MP")
 exec "${DDPMKIT:-.venv/bin/ddpmkit}" train --dataset emoji --class_column label --cond_drop_prob 0.1 \
   --unet_config benchmarks/hour_guide_unet.json --image_size 32 --batch_size 64 --lr 1e-3 --max_steps "$STEPS" \
   --lr_warmup_steps 50 --lr_scheduler cosine --prediction_type v_prediction --beta_schedule squaredcos_cap_v2 \
-  --use_ema --save_model_every "$EVERY" --checkpointing_steps 150 --output_dir "$RUN" "${R[@]}"
+  --use_ema --save_model_every "$EVERY" --checkpointing_steps 150 --output_dir "$RUN" "${EXTRA[@]}"
