@@ -232,7 +232,8 @@ class QualityDuringTraining(TrainingHook):
         seconds = time.perf_counter() - started
         self.eval_s += seconds
         run_s = trainer.train_s + seconds  # the run's wall clock so far, this evaluation included
-        record.update(eval_s=round(seconds, 1), eval_share=round(self.eval_s / run_s, 4))
+        # milliseconds: a small evaluation on a fast CPU takes under 0.05 s, which would round to 0.0
+        record.update(eval_s=round(seconds, 3), eval_share=round(self.eval_s / run_s, 4))
         self.records.append(record)
         runs.EvalLog(trainer.output_dir).append(record)
         self.accelerator.log({f"eval/{k}": v for k, v in record.items() if _is_scalar(k, v)}, step=step)
@@ -274,7 +275,7 @@ class QualityDuringTraining(TrainingHook):
         generated = ChunkedFeatures(self.features, beat)(to_uint8_nchw(out.images))
         m = compute_metrics(self.reference_features, generated, KID_SUBSETS, KID_SUBSET_SIZE)
         return {**dict(zip(FIGURES, (m.fid, m.kid_mean, m.kid_std, m.precision, m.recall))),
-                "sampling_s": round(sampled - started, 1), "features_s": round(time.perf_counter() - sampled, 1)}
+                "sampling_s": round(sampled - started, 3), "features_s": round(time.perf_counter() - sampled, 3)}
 
     def _advise(self, trainer, seconds: float, run_s: float) -> None:
         """Once a run: when evaluating takes more than a tenth of the training time, the --eval_every that would not
