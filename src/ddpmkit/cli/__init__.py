@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ddpmkit.cli.arguments import (DOCTOR_DESCRIPTION, EMA_DESCRIPTION, EVAL_DESCRIPTION, add_config_arguments,
                                    add_doctor_arguments, add_ema_arguments, add_eval_arguments, add_sample_arguments,
-                                   config_from_args, scheduler_defaults_text)
+                                   add_schedule_arguments, add_serve_arguments, config_from_args,
+                                   scheduler_defaults_text)
 from ddpmkit.cli.commands import (cmd_doctor, cmd_ema, cmd_eval, cmd_models, cmd_sample, cmd_schedule, cmd_schedulers,
                                   cmd_serve, cmd_train)
 from ddpmkit.config import FINETUNE_DEFAULTS, TrainConfig
@@ -75,29 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a web app (Gradio) to sample and guide in the browser; needs ddpmkit[ui]",
                        description="Start the app on localhost (docs/ui.md). Ctrl-C or SIGTERM stops it.")
-    p.add_argument("--model", default=None, help="model shown first: a bundled name, pipeline folder or Hub id "
-                   "(default: the bundled emoji32, else the first folder under --models_dir)")
-    p.add_argument("--models_dir", default=None, help="also offer every pipeline folder under this folder, 3 levels "
-                   "deep")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
-                   "only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
-    p.add_argument("--device", default="auto", help="where jobs sample: auto (default): a CUDA GPU when there is "
-                   "one, else Apple's MPS, else the CPU; or cpu, cuda, cuda:N, mps")
+    add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("schedulers", help="list the schedulers (samplers) by name")
     p.set_defaults(func=cmd_schedulers)
 
     p = sub.add_parser("schedule", help="plot the noise schedule and an image noised at 8 timesteps")
-    p.add_argument("--model", default=None, help="read the schedule from this pipeline (folder or Hub id)")
-    p.add_argument("--beta_schedule", default="squaredcos_cap_v2", choices=("squaredcos_cap_v2", "linear", "scaled_linear"),
-                   help="schedule to plot when no --model is given")
-    p.add_argument("--dataset", default=None, help="also write a strip of one image of this dataset noised with add_noise")
-    p.add_argument("--image_size", type=int, default=64, help="size of the noised strip images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="schedule.png", help="plot file; the strip goes to OUT_noised.png")
+    add_schedule_arguments(p)
     p.set_defaults(func=cmd_schedule)
     return parser
 

@@ -198,6 +198,26 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per_class", action="store_true",
                    help="class-conditioned model: sample each class in the dataset's proportions and report FID/KID "
                         "per class as well as overall")
+    _add_reference_arguments(p)
+    p.add_argument("--device", default=None, help=f"where to sample and extract features: {devices.HELP}")
+    p.add_argument("--nearest", type=int, default=0, metavar="K",
+                   help="memorization: each generated image's K nearest training images, in Inception features and "
+                        "in pixels; the share of copies (closer to a training image than the 1st percentile of the "
+                        "training images' own nearest-neighbour distances) and a grid of the closest pairs "
+                        "(docs/evaluation.md)")
+    p.add_argument("--nearest_grid", default=None, metavar="PNG",
+                   help="where --nearest writes its grid (default: beside --out as OUT_nearest.png, else nearest.png)")
+    p.add_argument("--sigma_rel", default=None, metavar="S1,S2,...",
+                   help="with --model RUN (a run trained with --posthoc_ema): evaluate the EMA of each of these "
+                        "lengths (e.g. 0.05,0.07,0.10,0.15), reconstructed from the run's snapshots, with the same "
+                        "settings; one line per length and the best; --out writes them all (docs/ema.md)")
+    p.add_argument("--out", default=None, metavar="results.json",
+                   help="write every figure and what reproduces it (model hash, scheduler, seed, counts) as JSON")
+
+
+
+def _add_reference_arguments(p: argparse.ArgumentParser) -> None:
+    """eval's flags for the reference side: which images of the dataset, at what size, its floor and cache."""
     p.add_argument("--split_fraction", type=float, default=None, metavar="F",
                    help="with --vs_dataset equal to --dataset: the reference is a seeded F of the dataset and the "
                         "other side the disjoint rest (the floor)")
@@ -215,21 +235,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", default="clean", choices=("clean", "torch-bicubic"),
                    help="how both sides are resized to 299x299: clean (default; clean-fid's PIL bicubic, the resize of "
                         "the figures users compare with) or torch-bicubic (ddpmkit's before 2026-12)")
-    p.add_argument("--device", default=None, help=f"where to sample and extract features: {devices.HELP}")
-    p.add_argument("--nearest", type=int, default=0, metavar="K",
-                   help="memorization: each generated image's K nearest training images, in Inception features and "
-                        "in pixels; the share of copies (closer to a training image than the 1st percentile of the "
-                        "training images' own nearest-neighbour distances) and a grid of the closest pairs "
-                        "(docs/evaluation.md)")
-    p.add_argument("--nearest_grid", default=None, metavar="PNG",
-                   help="where --nearest writes its grid (default: beside --out as OUT_nearest.png, else nearest.png)")
-    p.add_argument("--sigma_rel", default=None, metavar="S1,S2,...",
-                   help="with --model RUN (a run trained with --posthoc_ema): evaluate the EMA of each of these "
-                        "lengths (e.g. 0.05,0.07,0.10,0.15), reconstructed from the run's snapshots, with the same "
-                        "settings; one line per length and the best; --out writes them all (docs/ema.md)")
-    p.add_argument("--out", default=None, metavar="results.json",
-                   help="write every figure and what reproduces it (model hash, scheduler, seed, counts) as JSON")
-
 
 EMA_DESCRIPTION = """Make the EMA of any length from the snapshots of a run trained with --posthoc_ema (EDM2's
 post-hoc EMA): a least-squares combination of the tracked power-function EMAs, saved as a DDPMPipeline folder with
@@ -281,3 +286,26 @@ def add_doctor_arguments(p: argparse.ArgumentParser) -> None:
                         "of 'ddpmkit sample')")
     add_config_arguments(p.add_argument_group("train flags (a run before training, or what to change in TARGET's)"),
                          TrainConfig)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model shown first: a bundled name, pipeline folder or Hub id "
+                   "(default: the bundled emoji32, else the first folder under --models_dir)")
+    p.add_argument("--models_dir", default=None, help="also offer every pipeline folder under this folder, 3 levels "
+                   "deep")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                   "only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    p.add_argument("--device", default="auto", help="where jobs sample: auto (default): a CUDA GPU when there is "
+                   "one, else Apple's MPS, else the CPU; or cpu, cuda, cuda:N, mps")
+
+
+def add_schedule_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="read the schedule from this pipeline (folder or Hub id)")
+    p.add_argument("--beta_schedule", default="squaredcos_cap_v2", choices=("squaredcos_cap_v2", "linear", "scaled_linear"),
+                   help="schedule to plot when no --model is given")
+    p.add_argument("--dataset", default=None, help="also write a strip of one image of this dataset noised with add_noise")
+    p.add_argument("--image_size", type=int, default=64, help="size of the noised strip images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="schedule.png", help="plot file; the strip goes to OUT_noised.png")
