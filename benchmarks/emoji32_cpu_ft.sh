@@ -5,7 +5,8 @@
 # (runs/ is not kept between sessions on these machines), so stage 3, runs/emoji32-ft2, started again from the bundled
 # weights: a fresh run (no checkpoint in RUN) starts from whatever is bundled. Stage 3 trained over eight sessions and
 # was bundled at its step 17,800; its folder was lost with the machine on 2026-12-06 (at step 18,754, not bundled),
-# so stage 4, runs/emoji32-ft3 (the default RUN now), starts from the step-17,800 bundle.
+# so stage 4, runs/emoji32-ft3 (the default RUN now), started from the step-17,800 bundle; it was bundled at its
+# step 8,200 on 2026-12-06.
 # A step of RUN is bundled with scripts/bundle_emoji32.py --run RUN --pipeline DIR: a new stage in the model card for
 # a new RUN, or a replacement of its stage for a later step of the run bundled last.
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
@@ -20,8 +21,8 @@
 #                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
 #                                              default sampler); each stage's and bundle's figures are in
-#                                              docs/quality.md (54.9 for the GPU stage, 27.3 for the step-17,800
-#                                              weights bundled now; floor 17.2)
+#                                              docs/quality.md (54.9 for the GPU stage, 27.3 for stage 3's step
+#                                              17,800, 25.9 for stage 4's step 8,200 bundled now; floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by GUIDE (emoji32-guide; or a pipeline
 #                                              folder) at each of SCALES (1.5,2,2.5), the default sampler, 1,000
 #                                              images (SCALE_IMAGES): is the stored guide and scale still the best
