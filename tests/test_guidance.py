@@ -360,10 +360,13 @@ def emoji32():
     return load_pipeline("emoji32")
 
 
+COURSE = {"scheduler": "ddim", "steps": 40}  # the course's sampler
+
+
 @pytest.fixture(scope="module")
 def course_ratio(emoji32):
     """What the course's sampler (DDIM, 40 steps) leaves of the colour loss at scale 40: the yardstick."""
-    return _colour_loss_ratio(emoji32, scheduler="ddim", steps=40)
+    return _colour_loss_ratio(emoji32, **COURSE)
 
 
 def _colour_loss_ratio(pipe, **sampler) -> float:
@@ -383,8 +386,7 @@ def test_colour_guidance_at_every_schedulers_defaults_moves_the_colour_about_as_
     weights (docs/guidance.md has each figure: on the weights bundled now 0.64-0.79 of the unguided loss, the course
     0.69; on the GPU stage's 0.36-0.71, the course 0.51). Before the fix, DDIM's 500 steps left 0.01 and UniPC's 25
     0.91 where the course left 0.47: 0.02 and 1.9 times it."""
-    sampler = {"scheduler": "ddim", "steps": 40} if name == "course" else {"scheduler": name}
-    ratio = _colour_loss_ratio(emoji32, **sampler)
+    ratio = course_ratio if name == "course" else _colour_loss_ratio(emoji32, scheduler=name)
     assert ratio <= 0.85, f"{name}: the colour loss went only to {ratio:.2f} of the unguided one"
     assert 0.5 <= ratio / course_ratio <= 1.6, (
         f"{name}: the colour loss went to {ratio:.2f} of the unguided one, {ratio / course_ratio:.2f} times the "

@@ -215,7 +215,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="write every figure and what reproduces it (model hash, scheduler, seed, counts) as JSON")
 
 
-
 def _add_reference_arguments(p: argparse.ArgumentParser) -> None:
     """eval's flags for the reference side: which images of the dataset, at what size, its floor and cache."""
     p.add_argument("--split_fraction", type=float, default=None, metavar="F",
@@ -303,9 +302,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_schedule_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="read the schedule from this pipeline (folder or Hub id)")
-    p.add_argument("--beta_schedule", default="squaredcos_cap_v2", choices=("squaredcos_cap_v2", "linear", "scaled_linear"),
+    p.add_argument("--beta_schedule", default="squaredcos_cap_v2",
+                   choices=("squaredcos_cap_v2", "linear", "scaled_linear"),
                    help="schedule to plot when no --model is given")
-    p.add_argument("--dataset", default=None, help="also write a strip of one image of this dataset noised with add_noise")
+    p.add_argument("--dataset", default=None,
+                   help="also write a strip of one image of this dataset noised with add_noise")
     p.add_argument("--image_size", type=int, default=64, help="size of the noised strip images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="schedule.png", help="plot file; the strip goes to OUT_noised.png")
