@@ -6,7 +6,7 @@
 # weights: a fresh run (no checkpoint in RUN) starts from whatever is bundled. Stage 3 trained over eight sessions and
 # was bundled at its step 17,800; its folder was lost with the machine on 2026-12-06 (at step 18,754, not bundled),
 # so stage 4, runs/emoji32-ft3 (the default RUN now), started from the step-17,800 bundle; it was bundled at its
-# step 8,200 on 2026-12-06.
+# step 8,200 and then at its step 11,900 (EMA 0.15, the sweep's best there) on 2026-12-06.
 # A step of RUN is bundled with scripts/bundle_emoji32.py --run RUN --pipeline DIR: a new stage in the model card for
 # a new RUN, or a replacement of its stage for a later step of the run bundled last.
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
@@ -22,7 +22,8 @@
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
 #                                              default sampler); each stage's and bundle's figures are in
 #                                              docs/quality.md (54.9 for the GPU stage, 27.3 for stage 3's step
-#                                              17,800, 25.9 for stage 4's step 8,200 bundled now; floor 17.2)
+#                                              17,800, 25.9 for stage 4's step 8,200, 25.6 for its
+#                                              step 11,900 bundled now, EMA 0.15: SIGMA=0.15; floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by GUIDE (emoji32-guide; or a pipeline
 #                                              folder) at each of SCALES (1.5,2,2.5), the default sampler, 1,000
 #                                              images (SCALE_IMAGES): is the stored guide and scale still the best

@@ -39,7 +39,7 @@ show "$U1" "The forward process: the squaredcos_cap_v2 noise schedule (left) and
   "schedule.png schedule_noised.png" \
   ddpmkit -q schedule --dataset emoji --image_size 32 --out schedule.png
 
-show "$U1" "The bundled model emoji32 with the default sampler (auto: DPM-Solver++ SDE, Karras sigmas, 40 steps, 79 model calls): one row per emoji category, $N images each, seed 0. emoji32 samples by default with autoguidance (its guide emoji32-guide at scale 2: FID 25.9 against 32.7 plain at 2,000 images, docs/quality.md), which doubles the model calls; to fit its time this page samples without it (--autoguide none)." \
+show "$U1" "The bundled model emoji32 with the default sampler (auto: DPM-Solver++ SDE, Karras sigmas, 40 steps, 79 model calls): one row per emoji category, $N images each, seed 0. emoji32 samples by default with autoguidance (its guide emoji32-guide at scale 2: FID 25.6 against 31.8 plain at 2,000 images, docs/quality.md), which doubles the model calls; to fit its time this page samples without it (--autoguide none)." \
   "samples_auto.png" \
   ddpmkit -q sample --autoguide none --num_images $N --seed 0 --out samples_auto.png
 
