@@ -17,13 +17,14 @@
 #                                              EMA snapshot every 100 steps, a pipeline every 500
 #   bash benchmarks/emoji32_cpu_ft.sh sweep    FID of the post-hoc EMA lengths LENGTHS at the last snapshot, plain, at
 #                                              deis, 1,000 images (the GPU stage there: 122.3, docs/quality.md)
-#   bash benchmarks/emoji32_cpu_ft.sh default  the post-hoc EMA of length SIGMA (0.10) at the last snapshot as a
+#   bash benchmarks/emoji32_cpu_ft.sh default  the post-hoc EMA of length SIGMA (the sweep's best at that step where
+#                                              it was swept, else 0.10) at the last snapshot as a
 #                                              pipeline, and its FID at 2,000 images as `ddpmkit eval --per_class`
 #                                              measures the bundled default (autoguidance 2 by emoji32-guide, the
 #                                              default sampler); each stage's and bundle's figures are in
 #                                              docs/quality.md (54.9 for the GPU stage, 27.3 for stage 3's step
 #                                              17,800, 25.9 for stage 4's step 8,200, 25.6 for its
-#                                              step 11,900 bundled now, EMA 0.15: SIGMA=0.15; floor 17.2)
+#                                              step 11,900 bundled now, EMA 0.15; floor 17.2)
 #   bash benchmarks/emoji32_cpu_ft.sh scales   the bundled emoji32 guided by GUIDE (emoji32-guide; or a pipeline
 #                                              folder) at each of SCALES (1.5,2,2.5), the default sampler, 1,000
 #                                              images (SCALE_IMAGES): is the stored guide and scale still the best
@@ -34,7 +35,7 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji32-ft3}
 OUT=${OUT:-benchmarks/results/emoji32_cpu_ft}
 LENGTHS=${LENGTHS:-0.05,0.10,0.15,0.20}
-SIGMA=${SIGMA:-0.10}
+SIGMA=${SIGMA:-}
 SCALES=${SCALES:-1.5,2,2.5}
 SCALE_IMAGES=${SCALE_IMAGES:-1000}
 GUIDE=${GUIDE:-emoji32-guide}
@@ -56,6 +57,9 @@ case ${1:-} in
       | grep -v '^sampling\|^features\|^ *$' | tee "$OUT/$name.log" ;;
   default)
     step=$(last_step)
+    # SIGMA unset: the best length of this step's sweep where one was run (0.15 at step 11,900), else 0.10
+    [ -n "$SIGMA" ] || SIGMA=$(python3 -c "import json,sys; print('%.2f' % json.load(open(sys.argv[1]))['best_sigma_rel'])" \
+      "$OUT/sweep-step$step.json" 2>/dev/null) || SIGMA=0.10
     dir=$RUN-ema$SIGMA-step$step
     [ -d "$dir" ] || "$DDPMKIT" ema "$RUN" --sigma_rel "$SIGMA" --step "$step" --out "$dir"
     name=ema$SIGMA-step$step-default-2000
