@@ -383,8 +383,8 @@ def _colour_loss_ratio(pipe, **sampler) -> float:
 def test_colour_guidance_at_every_schedulers_defaults_moves_the_colour_about_as_far(emoji32, course_ratio, name):
     """The bundled model, each scheduler at its own defaults (15 DEIS steps to 1000 DDPM steps), colour guidance at
     scale 40: the colour loss falls for every sampler, to 0.5-1.6 times what the course's DDIM 40 leaves on the same
-    weights (docs/guidance.md has each figure: on the weights bundled now 0.64-0.79 of the unguided loss, the course
-    0.69; on the GPU stage's 0.36-0.71, the course 0.51). Before the fix, DDIM's 500 steps left 0.01 and UniPC's 25
+    weights (docs/guidance.md has each figure: on stage 4's step-8,200 weights 0.64-0.79 of the unguided loss, the
+    course 0.69; on the GPU stage's 0.36-0.71, the course 0.51). Before the fix, DDIM's 500 steps left 0.01 and UniPC's 25
     0.91 where the course left 0.47: 0.02 and 1.9 times it."""
     ratio = course_ratio if name == "course" else _colour_loss_ratio(emoji32, scheduler=name)
     assert ratio <= 0.85, f"{name}: the colour loss went only to {ratio:.2f} of the unguided one"
