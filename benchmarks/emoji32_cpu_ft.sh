@@ -6,7 +6,9 @@
 # weights: a fresh run (no checkpoint in RUN) starts from whatever is bundled. Stage 3 trained over eight sessions and
 # was bundled at its step 17,800; its folder was lost with the machine on 2026-12-06 (at step 18,754, not bundled),
 # so stage 4, runs/emoji32-ft3 (the default RUN now), started from the step-17,800 bundle; it was bundled at its
-# step 8,200 and then at its step 11,900 (EMA 0.15, the sweep's best there) on 2026-12-06.
+# step 8,200 and then at its step 11,900 (EMA 0.15, the sweep's best there) on 2026-12-06. Stage 5, runs/emoji32-cd,
+# is a cool-down from that bundle (SCHEDULE=linear MAX_STEPS=1500 train, then RUN=runs/emoji32-cd sweep), measured
+# on 2026-12-06 (docs/quality.md) and not bundled yet.
 # A step of RUN is bundled with scripts/bundle_emoji32.py --run RUN --pipeline DIR: a new stage in the model card for
 # a new RUN, or a replacement of its stage for a later step of the run bundled last.
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
@@ -14,7 +16,9 @@
 #                                              an AVX-512 EPYC: 1.9 s a step of 256, 133 images/s; 1.2 s, 206
 #                                              images/s on a family-26 EPYC), fp32 elsewhere;
 #                                              a constant lr 3e-4 (the bundled run's cosine ended at 0), a post-hoc
-#                                              EMA snapshot every 100 steps, a pipeline every 500
+#                                              EMA snapshot every 100 steps, a pipeline every 500; SCHEDULE=linear
+#                                              MAX_STEPS=N makes it a cool-down instead: lr 3e-4 falling linearly to
+#                                              0 at step N (stage 5, runs/emoji32-cd: 1,500 steps)
 #   bash benchmarks/emoji32_cpu_ft.sh sweep    FID of the post-hoc EMA lengths LENGTHS at the last snapshot, plain, at
 #                                              deis, 1,000 images (the GPU stage there: 122.3, docs/quality.md)
 #   bash benchmarks/emoji32_cpu_ft.sh default  the post-hoc EMA of length SIGMA (the sweep's best at that step where
@@ -39,6 +43,8 @@ SIGMA=${SIGMA:-}
 SCALES=${SCALES:-1.5,2,2.5}
 SCALE_IMAGES=${SCALE_IMAGES:-1000}
 GUIDE=${GUIDE:-emoji32-guide}
+SCHEDULE=${SCHEDULE:-constant_with_warmup}
+MAX_STEPS=${MAX_STEPS:-30000}
 DDPMKIT=${DDPMKIT:-.venv/bin/ddpmkit}
 mkdir -p "$OUT"
 last_step() { ls "$RUN/phema" | sed -n 's/^step_0*\([0-9]*\)\.safetensors$/\1/p' | sort -n | tail -1; }
@@ -46,7 +52,7 @@ case ${1:-} in
   train)
     mp=no; grep -q -e avx512_bf16 -e amx_bf16 /proc/cpuinfo && mp=bf16
     exec "$DDPMKIT" train --init_from emoji32 --dataset emoji --class_column label --batch_size 256 \
-      --lr 3e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 100 --max_steps 30000 --mixed_precision "$mp" \
+      --lr 3e-4 --lr_scheduler "$SCHEDULE" --lr_warmup_steps 100 --max_steps "$MAX_STEPS" --mixed_precision "$mp" \
       --posthoc_ema --posthoc_ema_every 100 --save_model_every 500 --checkpointing_steps 100 \
       --checkpoints_total_limit 2 --resume_from_checkpoint latest --cache_dir runs/.emoji-cache --output_dir "$RUN" \
       --log_every 20 ;;
