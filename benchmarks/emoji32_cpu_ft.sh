@@ -8,7 +8,8 @@
 # so stage 4, runs/emoji32-ft3 (the default RUN now), started from the step-17,800 bundle; it was bundled at its
 # step 8,200 and then at its step 11,900 (EMA 0.15, the sweep's best there) on 2026-12-06. Stage 5, runs/emoji32-cd,
 # is a cool-down from that bundle (SCHEDULE=linear MAX_STEPS=1500 train, then RUN=runs/emoji32-cd sweep), measured
-# on 2026-12-06 (docs/quality.md) and not bundled yet.
+# on 2026-12-06 (docs/quality.md: 24.4 guided, 30.6 plain); its weights were lost before they were bundled, so a rerun
+# starts from the step-11,900 bundle again (about 54 minutes in bf16 on an AVX-512 EPYC, 4 hours in fp32 on AVX2).
 # A step of RUN is bundled with scripts/bundle_emoji32.py --run RUN --pipeline DIR: a new stage in the model card for
 # a new RUN, or a replacement of its stage for a later step of the run bundled last.
 #   bash benchmarks/emoji32_cpu_ft.sh train    train on (resumable: run it again after a stop, SIGTERM saves a
