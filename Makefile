@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	$(BIN)/python scripts/demo.py
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)

@@ -177,10 +177,19 @@ def test_demo_page_every_picture_loads_in_chromium(tmp_path):
            "DEMO_EVAL_IMAGES": "20", "DEMO_IMAGES": "2", "DEMO_DDPM_STEPS": "20",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "2"}
-    run = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     page_file = out / "index.html"
     html = page_file.read_text()
+    # the demo runs its commands in one process; typed alone, a page's command makes the same picture, byte for byte
+    command = next(json.loads(line)["command"] for line in (out / "manifest.jsonl").read_text().splitlines()
+                   if json.loads(line)["files"] == ["unguided.png"])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    typed = subprocess.run(["bash", "-c", command], cwd=alone, env=env, capture_output=True, text=True, timeout=300)
+    assert typed.returncode == 0, typed.stderr[-2000:]
+    assert (alone / "unguided.png").read_bytes() == (out / "unguided.png").read_bytes()
     sources = re.findall(r"<img src='([^']+)'", html)
     assert len(sources) >= 15 and all((out / s).is_file() for s in sources)
     assert html.count("<figcaption>") == html.count("<pre>")  # one command per figure ("<pre class=..." is text)
@@ -225,3 +234,19 @@ def test_model_card_keeps_each_stages_note_and_posthoc_ema_when_a_stage_is_added
         assert note is None or f"- {note}" in card
         assert ema is None or f"ddpmkit ema {ema['run']} --sigma_rel {ema['sigma_rel']:g} --step {ema['step']}" in card
     assert "- the new stage's line" in card and "ddpmkit ema runs/next --sigma_rel 0.05 --step 123" in card
+
+
+def test_demo_stops_at_a_failing_command_with_its_status(tmp_path, monkeypatch, capsys):
+    """scripts/demo.py runs each command line through ddpmkit.cli.main inside DEMO_OUT: a failing one stops the demo
+    with the command and its exit status (not a traceback), and the working folder is restored."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", ROOT / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    monkeypatch.setattr(demo, "OUT", tmp_path)
+    here = Path.cwd()
+    with pytest.raises(SystemExit) as stop:
+        demo.ddpmkit("ddpmkit -q sample --model no-such-model --out x.png")
+    assert "`ddpmkit -q sample --model no-such-model --out x.png` failed (exit status 2)" in str(stop.value)
+    assert "no-such-model" in capsys.readouterr().err and Path.cwd() == here

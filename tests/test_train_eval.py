@@ -319,8 +319,8 @@ def test_a_class_gets_fid_only_from_as_many_images_as_feature_dimensions_and_kid
 
 
 def test_the_demos_eval_prints_no_per_class_fid():
-    """`make demo`'s eval: 150 images over 11 classes, Inception features (2,048 dimensions): no class has the
-    images for a FID (two halves of the emoji data score FID 108 at 150 images a side)."""
+    """`make demo`'s eval (100 images since 2026-12-07, 150 before) over 11 classes, Inception features (2,048
+    dimensions): no class has the images for a FID (two halves of the emoji data score FID 108 at 150 a side)."""
     counts = dict(zip("abcdefghijk", (40, 25, 20, 15, 12, 10, 9, 8, 5, 3, 3)))
     _, figures = _per_class(counts, dims=2048)
     assert all(c["fid"] is None for c in figures.values())
