@@ -352,7 +352,7 @@ def test_cli_guided_sampling_and_bad_syntax(plain_pipeline, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- a scale means the same with every sampler
-LONG_DEFAULTS = {"ddpm", "ddim", "euler_a"}  # 500-1000 steps at their defaults: minutes on a CPU (make test-long)
+LONG_DEFAULTS = {"ddpm", "ddim", "euler_a", "euler"}  # 200-1000 steps at their defaults: minutes on a CPU (make test-long)
 
 
 @pytest.fixture(scope="module")

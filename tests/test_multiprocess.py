@@ -100,6 +100,7 @@ def test_torchrun_two_processes_train_one_pipeline_with_equal_weights(uninterrup
 
 
 @pytest.mark.slow
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_torchrun_killed_and_resumed_gives_the_uninterrupted_weights(root, uninterrupted):
     reference, _ = uninterrupted
     run = root / "killed"

@@ -263,6 +263,7 @@ def test_callback_x0_is_the_exact_posterior_mean(name, options, pipes):
 
 
 # ---------------------------------------------------------------------------- the measured default
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_auto_default_matches_ddpm_1000_on_both_schedules(pipes, truth):
     """`sample(model)` with no scheduler: the measured default, within ddpm-1000's bounds (docs/samplers.md)."""
     assert build_parser().parse_args(["sample", "--model", "m"]).scheduler == "auto"

@@ -60,6 +60,7 @@ def test_quality_table_runs_two_rows_and_resumes(micro_model, tmp_path, caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_rows_sampled_on_one_machine_and_evaluated_on_another_give_the_same_figures(micro_model, tmp_path):
     """--samples DIR --sample_only keeps each row's images (no Inception needed: a GPU machine); the same command
     without --sample_only evaluates them against the same reference, so the FID equals sampling and evaluating here."""

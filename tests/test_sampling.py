@@ -29,7 +29,7 @@ def _pipeline_uint8(folder, n: int, seed: int, steps: int) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("steps, seed, n", [(1000, 0, 2), (50, 7, 4)])
+@pytest.mark.parametrize("steps, seed, n", [pytest.param(1000, 0, 2, marks=pytest.mark.long), (50, 7, 4)])
 def test_ddpm_sampling_equals_ddpm_pipeline(pipeline_dir, steps, seed, n):
     ours = ddpmkit.sample(str(pipeline_dir), scheduler="ddpm", steps=steps, seed=seed, num_images=n, progress=False)
     assert ours.images.shape == (n, 3, 8, 8) and ours.nfe == steps
@@ -122,6 +122,7 @@ def test_predicted_x0_matches_the_schedulers_pred_original_sample(name, predicti
             x = theirs.prev_sample
 
 
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_the_default_sampler_clips_an_epsilon_models_x0_as_ddpm_does(tmp_path):
     """A course-style model (epsilon, squaredcos_cap_v2, DDPMScheduler's clip_sample) trained briefly: the sigma
     samplers start at sigma 80, where an epsilon model's x0 error is 80 times its eps error. Without clipping the

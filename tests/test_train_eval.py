@@ -228,6 +228,7 @@ def test_train_with_eval_every_on_the_real_inception(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- several processes
 @pytest.mark.slow
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_torchrun_two_processes_evaluate_once(tmp_path):
     write_images(tmp_path / "images", n=8, size=12)
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "ddpmkit", "train",
@@ -279,6 +280,7 @@ HEARTBEAT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_the_heartbeat_outlasts_the_process_group_timeout_and_carries_an_error(tmp_path):
     """Two processes, a gloo timeout of 3 s, 6 s of work on the main process: the other waits it out (one broadcast
     per piece of work, never one wait of 6 s), and an error on the main process ends the wait on the other."""

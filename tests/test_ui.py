@@ -492,6 +492,7 @@ def test_browser_colour_guidance_moves_the_images_colour(server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_sigint_stops_the_server_within_seconds_even_mid_job(models_dir, tmp_path):
     server = Server(tmp_path, "--model", str(models_dir / "cond16"))
     try:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import save_plain_pipeline
 from PIL import Image
 from test_guidance import tiny_clip
@@ -54,6 +55,7 @@ def run_studio(model: Path, out: Path, env: dict) -> list[dict]:
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.long  # left out of make test for its time (make test-long, CI)
 def test_clip_prompt_in_the_app_guides_and_its_command_reproduces_it(tmp_path):
     model = save_plain_pipeline(tmp_path / "plain16", sample_size=16)
     env = env_with(fake_hub_cache(tmp_path / "hub"))
