@@ -336,3 +336,17 @@ def test_resuming_from_a_checkpoint_of_another_model_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"does not fit the model these flags build \(its UNet's layers or sizes "
                                         r"differ\): resume with the flags of the run that saved it"):
         train(other, data=_data())
+
+
+def test_the_loss_curve_draws_a_moving_mean_only_where_it_smooths(monkeypatch, tmp_path):
+    """Under 20 steps the 'mean of 1' line was the loss itself drawn twice (make demo's short runs); from 20 steps a
+    moving mean over a tenth of the run, at most 50 steps, is drawn beside the loss."""
+    from ddpmkit import images
+
+    drawn = {}
+    monkeypatch.setattr(images, "plot_lines", lambda series, path, *a, **k: drawn.setdefault(len(drawn), series))
+    for n in (16, 20, 1000):
+        images.plot_loss_curve(list(range(1, n + 1)), [1.0 / s for s in range(1, n + 1)], tmp_path / "c.png")
+    assert list(drawn[0]) == ["loss"]
+    assert list(drawn[1]) == ["loss", "mean of 2"] and len(drawn[1]["mean of 2"][1]) == 19
+    assert list(drawn[2]) == ["loss", "mean of 50"] and len(drawn[2]["mean of 50"][0]) == 951

@@ -139,8 +139,11 @@ def plot_lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path:
 
 
 def plot_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path) -> Path:
-    """Per-step loss (faint) and its moving average over 50 steps."""
-    window = max(1, min(50, len(losses) // 10 or 1))
-    smooth = np.convolve(np.asarray(losses, dtype=float), np.ones(window) / window, mode="valid")
-    return plot_lines({"loss": (steps, losses), f"mean of {window}": (steps[window - 1:], smooth)}, path,
-                      "training loss", "step", "MSE", logy=True)
+    """Per-step loss (faint) and its moving average over up to 50 steps (a tenth of the run: none under 20 steps,
+    where it would be the loss itself)."""
+    window = min(50, len(losses) // 10)
+    series = {"loss": (steps, losses)}
+    if window > 1:
+        smooth = np.convolve(np.asarray(losses, dtype=float), np.ones(window) / window, mode="valid")
+        series[f"mean of {window}"] = (steps[window - 1:], smooth)
+    return plot_lines(series, path, "training loss", "step", "MSE", logy=True)
