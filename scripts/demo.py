@@ -7,7 +7,7 @@ the steps of the DDPM comparison (the page test's quick run makes them small).
 Each picture comes from one `ddpmkit` command line, shown under it on the page as a user would type it. The demo
 runs those command lines through `ddpmkit.cli.main`, the function the `ddpmkit` command calls, one after another in
 this one Python process (inside OUT, as the page's commands run there): typed one at a time, each command first
-spends about 10 s importing torch and diffusers on a 2-core CPU, and twelve such starts do not fit the demo's
+spends about 10 s importing torch and diffusers on a 2-core CPU, and fourteen such starts did not fit the demo's
 6 minutes. A command that fails stops the demo with its exit status.
 """
 from __future__ import annotations
