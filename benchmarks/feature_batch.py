@@ -5,7 +5,7 @@ Each repeat extracts the same 50 emoji (uint8 in -> clean resize -> network -> n
 turn (interleaved, so a machine's slow minute hits all of them); the figure is the median images/s and its ratio
 to batch 50 (the default before 2026-12-07) in the same run. Writes benchmarks/results/feature_batch.{json,md}.
 
-    .venv/bin/python benchmarks/feature_batch.py               # about 3 minutes on 2 cores
+    .venv/bin/python benchmarks/feature_batch.py               # about 5 minutes on 2 cores
     .venv/bin/python benchmarks/feature_batch.py --repeats 1 --out /tmp/fb   # a smoke run
 """
 from __future__ import annotations

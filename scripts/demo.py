@@ -49,28 +49,15 @@ def ddpmkit(command: str, tee: str | None = None) -> None:
     printed = io.StringIO()
     os.chdir(OUT)
     try:
-        with contextlib.redirect_stdout(_Tee(sys.stdout, printed)) if tee else contextlib.nullcontext():
+        with contextlib.redirect_stdout(printed) if tee else contextlib.nullcontext():
             code = main(argv[1:])
-        if tee:
+        if tee:  # what it printed, shown and kept (ddpmkit eval prints its figures at the end)
+            sys.stdout.write(printed.getvalue())
             Path(tee).write_text(printed.getvalue())
     finally:
         os.chdir(here)
     if code:
         sys.exit(f"demo: `{command}` failed (exit status {code}); the pictures before it are in {OUT}")
-
-
-class _Tee(io.TextIOBase):
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
 
 
 def show(section: str, caption: str, files: str, command: str) -> None:
